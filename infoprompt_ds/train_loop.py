@@ -1,0 +1,357 @@
+"""The DeepSpeed training loop: setup, step, eval, checkpoint, resume. One loop for every task, method
+and launcher (deepspeed, torchrun, srun, plain python).
+
+Data flows one way: config → data → model → loss → engine step → tracking/checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ConfigError, TrainConfig, config_from_env_rank, fill_ds_config, load_ds_config, zero_stage
+
+
+def setup_environment() -> None:
+    """Environment defaults that must be in place before torch/deepspeed are imported."""
+    # A plain `python train.py` is a one-rank job: give torch.distributed what a launcher would.
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("LOCAL_RANK", "0")
+    # The deepspeed launcher does not split the cores between ranks; oversubscribed ranks run 2-3x slower.
+    if "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def plan_steps(cfg: TrainConfig, n_train: int, world: int) -> tuple[int, int]:
+    """(micro-batches per epoch per rank, total optimizer steps)."""
+    micro_per_epoch = math.ceil(math.ceil(n_train / world) / cfg.per_device_train_batch_size)
+    if cfg.max_steps > 0:
+        return micro_per_epoch, cfg.max_steps
+    return micro_per_epoch, max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch / cfg.gradient_accumulation_steps))
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    out = Path(cfg.output_dir)
+    if (out / "metrics.json").exists() and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+        raise ConfigError("output_dir", f"{out} holds a finished run; pass --overwrite_output_dir true, "
+                          f"--resume_from_checkpoint latest, or another output_dir")
+    if out.exists() and not out.is_dir():
+        raise ConfigError("output_dir", f"{out} exists and is not a folder")
+
+
+def prepare(cfg: TrainConfig) -> dict[str, Any]:
+    """Every check that needs no model weights and no process group: fails in seconds on bad input."""
+    from .checkpoint import resolve_checkpoint
+    from .data import prepare_data
+    from .model import load_model_config, load_tokenizer
+
+    rank, local_rank, world = config_from_env_rank()
+    ds_raw = load_ds_config(cfg.deepspeed)
+    model_config = load_model_config(cfg)
+    check_output_dir(cfg)
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    micro_per_epoch, total_steps = plan_steps(cfg, len(data.splits["train"]), world)
+    ds_config = fill_ds_config(ds_raw, cfg, world, total_steps, model_config.hidden_size)
+    return dict(rank=rank, local_rank=local_rank, world=world, model_config=model_config, tokenizer=tokenizer,
+                data=data, micro_per_epoch=micro_per_epoch, total_steps=total_steps, ds_config=ds_config,
+                resume=resume)
+
+
+# --- distributed helpers --------------------------------------------------------------------------
+
+def _shard_batches(n: int, batch_size: int, world: int, rank: int, shuffle: bool, seed: int, epoch: int):
+    """This rank's micro-batches of example indices. DistributedSampler pads every rank to the same
+    count, which ZeRO-3 needs: every rank must run the same number of forward passes."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    sampler.set_epoch(epoch)
+    idx = list(sampler)
+    return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _model_inputs(batch: dict) -> dict:
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def gather_trainable(engine) -> dict[str, Any]:
+    """Full fp32 values of the trainable parameters (the optimizer's master copies). Collective."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p)
+            out[name] = (full if full is not None else p.detach()).float().cpu().clone()
+    return out
+
+
+def set_trainable(engine, tensors: dict[str, Any]) -> None:
+    """Write values into the (possibly partitioned) trainable parameters, for evaluation."""
+    import deepspeed
+    import torch
+
+    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
+        for name, p in params.items():
+            p.data.copy_(tensors[name].to(p.dtype))
+
+
+def backbone_shard_report(model, rank: int, world: int) -> dict[str, int]:
+    """How much of the frozen backbone this rank holds: under ZeRO-3 about 1/world of it."""
+    local = total = 0
+    for p in model.backbone.parameters():
+        total += getattr(p, "ds_numel", p.numel())
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return {"rank": rank, "world_size": world, "backbone_params_total": total, "backbone_params_local": local}
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, n_labels: int, device) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from .metrics import classification_metrics
+
+    engine.eval()
+    rows = []
+    with torch.no_grad():
+        for idx in _shard_batches(len(split), cfg.per_device_eval_batch_size, world, rank, False, 0, 0):
+            batch = _to_device(collate([split[i] for i in idx]), device)
+            logits = engine(**_model_inputs(batch))["logits"]
+            rows += zip(batch["idx"].tolist(), logits.argmax(-1).tolist(), batch["labels"].tolist())
+    engine.train()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    by_idx = {i: (p, y) for part in gathered for i, p, y in part}  # drops the sampler's padding duplicates
+    preds, labels = zip(*by_idx.values())
+    return classification_metrics(list(preds), list(labels), n_labels)
+
+
+def compute_unprompted(engine, split, collate, cfg: TrainConfig, world: int, rank: int, device):
+    """z(x, no prompt) for every training example, once: the backbone is frozen, so it never changes.
+    Each rank computes a shard and all ranks receive all of it."""
+    import torch
+    import torch.distributed as dist
+
+    engine.eval()
+    rows = []
+    with torch.no_grad():
+        for idx in _shard_batches(len(split), cfg.per_device_eval_batch_size, world, rank, False, 0, 0):
+            batch = _to_device(collate([split[i] for i in idx]), device)
+            z = engine(**_model_inputs(batch), unprompted_only=True)["z"]
+            rows += zip(batch["idx"].tolist(), z.float().cpu())
+    engine.train()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    cache = {}
+    for part in gathered:
+        cache.update(part)
+    return torch.stack([cache[i] for i in range(len(split))]).to(device)
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    setup_environment()
+    ctx = prepare(cfg)  # bad input fails here, before any process group, weights or output
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from tqdm.auto import tqdm
+    from transformers import DataCollatorWithPadding
+
+    from .checkpoint import load_checkpoint, save_checkpoint, save_export, write_json_atomic
+    from .model import build_model
+    from .tracking import Tracker
+
+    rank, world, data = ctx["rank"], ctx["world"], ctx["data"]
+    ds_config, total_steps, micro_per_epoch = ctx["ds_config"], ctx["total_steps"], ctx["micro_per_epoch"]
+    accel = get_accelerator()
+    on_gpu = accel.device_name() != "cpu"
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    if on_gpu:
+        accel.set_device(ctx["local_rank"])
+    device = torch.device(accel.device_name(ctx["local_rank"]) if on_gpu else "cpu")
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+            for stale in ("metrics.json", "export", "best"):
+                shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+        write_json_atomic(out / "config.json", cfg.to_dict())
+        write_json_atomic(out / "ds_config.json", ds_config)
+
+    torch.manual_seed(cfg.seed)  # head/estimator init: the same on every rank
+    model = build_model(cfg, ctx["model_config"], ctx["tokenizer"], data.label_names, dtype, ds_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    shard = backbone_shard_report(engine.module, rank, world)
+    (out / "ranks").mkdir(exist_ok=True, parents=True)
+    write_json_atomic(out / "ranks" / f"rank{rank}.json", shard)
+
+    collate = DataCollatorWithPadding(ctx["tokenizer"], return_tensors="pt")
+    train, val, test = data.splits["train"], data.splits["validation"], data.splits["test"]
+
+    client: dict[str, Any] = {}
+    if ctx["resume"] is not None:
+        client = load_checkpoint(engine, ctx["resume"])
+    start_step = int(client.get("global_step", 0))
+    best = {"metric": client.get("best_metric"), "step": client.get("best_step")}
+
+    tracker = Tracker(enabled=rank == 0)
+    run_name = cfg.run_name or f"{cfg.method}-{Path(cfg.model_name_or_path).name}-seed{cfg.seed}"
+    tags = {"method": cfg.method, "backbone": cfg.model_name_or_path, "task": cfg.dataset}
+    tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name, client.get("mlflow_run_id"), tags)
+    status = "FAILED"
+    try:
+        if not client:
+            tracker.log_params({**cfg.to_dict(), "world_size": world, "zero_stage": zero_stage(ds_config),
+                                "n_train": len(train), "n_validation": len(val), "n_test": len(test),
+                                "total_steps": total_steps, "trainable_params": sum(p.numel() for p in trainable)
+                                if zero_stage(ds_config) != 3 else sum(p.ds_numel for p in trainable),
+                                "backbone_params": shard["backbone_params_total"]})
+            tracker.log_artifact(out / "ds_config.json")
+        z_cache = None
+        if engine.module.bottleneck is not None and cfg.cache_unprompted:
+            z_cache = compute_unprompted(engine, train, collate, cfg, world, rank, device)
+
+        meta = {"backbone": cfg.model_name_or_path, "labels": data.label_names, "n_virtual_tokens": cfg.n_virtual_tokens,
+                "pooling": engine.module.pooling, "max_length": cfg.max_length, "method": cfg.method,
+                "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
+                "bottleneck_dim": cfg.bottleneck_dim if engine.module.bottleneck is not None else None}
+
+        def eval_and_track(step: int):
+            metrics = evaluate(engine, val, collate, cfg, world, rank, len(data.label_names), device)
+            tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
+            value = metrics[cfg.metric_for_best_model]
+            if best["metric"] is None or value > best["metric"]:
+                best.update(metric=value, step=step)
+                tensors = gather_trainable(engine)
+                if rank == 0:
+                    save_export(out / "best", tensors, {**meta, "step": step, cfg.metric_for_best_model: value})
+            if rank == 0:
+                tqdm.write(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                           + f" (best {cfg.metric_for_best_model}={best['metric']:.4f} @ {best['step']})")
+            return metrics
+
+        def checkpoint(step: int):
+            save_checkpoint(engine, cfg.output_dir, step, {"global_step": step, "mlflow_run_id": tracker.run_id,
+                            "best_metric": best["metric"], "best_step": best["step"]}, cfg.save_total_limit, rank)
+
+        ga = cfg.gradient_accumulation_steps
+        epochs_total = total_steps * ga / micro_per_epoch
+        micro = start_step * ga  # the data stream is a pure function of the micro-step: exact resume
+        window = torch.zeros(8, dtype=torch.float64)  # loss, ce, head, repr, kl, n, samples, tokens
+        t0 = time.perf_counter()
+        bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="train", dynamic_ncols=True)
+        epoch_cache: dict[int, list] = {}
+        engine.train()
+        while engine.global_steps < total_steps:
+            epoch, pos = divmod(micro, micro_per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache = {epoch: _shard_batches(len(train), cfg.per_device_train_batch_size, world, rank,
+                                                     True, cfg.seed, epoch)}
+            batch = _to_device(collate([train[i] for i in epoch_cache[epoch][pos]]), device)
+            kwargs = {}
+            if engine.module.bottleneck is not None:
+                # Noise from a generator keyed by (seed, micro-step, rank): the same after a resume.
+                gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + micro * world + rank)
+                b = batch["input_ids"].shape[0]
+                kwargs["eps_pos"] = torch.randn(b, cfg.bottleneck_dim, generator=gen, device=device)
+                kwargs["eps_neg"] = torch.randn(b, cfg.k_negatives, cfg.bottleneck_dim, generator=gen, device=device)
+                kwargs["mi_scale"] = 1.0 - cfg.mi_decay * epoch / epochs_total
+                if z_cache is not None:
+                    kwargs["z_unprompted"] = z_cache[batch["idx"]]
+            result = engine(**_model_inputs(batch), labels=batch["labels"], **kwargs)
+            engine.backward(result["loss"])
+            before = engine.global_steps
+            engine.step()
+            micro += 1
+            window += torch.tensor([result["loss"].item(), result["ce"].item(),
+                                    *(result[k].item() if k in result else 0.0 for k in ("head", "repr", "kl")),
+                                    1, batch["input_ids"].shape[0], batch["attention_mask"].sum().item()],
+                                   dtype=torch.float64)
+            if engine.global_steps == before:
+                continue
+            step = engine.global_steps
+            bar.update(1)
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                dist.all_reduce(window)  # sums over ranks: global means and global throughput
+                elapsed = time.perf_counter() - t0
+                n = window[5].item()
+                logs = {"train/loss": window[0] / n, "train/ce": window[1] / n, "train/lr": engine.get_lr()[0],
+                        "train/samples_per_s": window[6] / elapsed, "train/tokens_per_s": window[7] / elapsed,
+                        "train/epoch": micro / micro_per_epoch}
+                if engine.module.bottleneck is not None:
+                    logs.update({"train/head": window[2] / n, "train/repr": window[3] / n, "train/kl": window[4] / n})
+                logs = {k: float(v) for k, v in logs.items()}
+                tracker.log_metrics(logs, step)
+                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", samples_s=f"{logs['train/samples_per_s']:.1f}")
+                window.zero_()
+                t0 = time.perf_counter()
+            if step % cfg.eval_steps == 0 or step == total_steps:
+                eval_and_track(step)
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
+                checkpoint(step)
+        bar.close()
+
+        final = gather_trainable(engine)
+        if rank == 0:
+            save_export(out / "export", final, {**meta, "step": engine.global_steps})
+        if cfg.load_best_model_at_end and best["step"] is not None and (out / "best").is_dir():
+            from .checkpoint import load_export
+
+            set_trainable(engine, load_export(out / "best")[0])
+        test_metrics = evaluate(engine, test, collate, cfg, world, rank, len(data.label_names), device)
+        tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, engine.global_steps)
+        result = {"global_step": engine.global_steps, "best_step": best["step"],
+                  f"best_validation_{cfg.metric_for_best_model}": best["metric"],
+                  "test": test_metrics, "test_weights": "best" if cfg.load_best_model_at_end else "last",
+                  "mlflow_run_id": tracker.run_id, "world_size": world}
+        if rank == 0:
+            print(f"[test] " + " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()), flush=True)
+            tracker.log_artifact(out / "export", "export")
+            write_json_atomic(out / "metrics.json", result)  # last: its presence means "finished"
+            tracker.log_artifact(out / "metrics.json")
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
