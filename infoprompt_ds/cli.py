@@ -19,9 +19,12 @@ def train_main(argv=None) -> None:
 
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        from .train_loop import run
+        from .train_loop import EXIT_PREEMPTED, StopRequested, run
 
-        run(cfg)
+        try:
+            run(cfg)
+        except StopRequested:
+            sys.exit(EXIT_PREEMPTED)
     except ConfigError as e:
         _fail(e)
 

@@ -111,6 +111,9 @@ class TrainConfig:
     mlflow_experiment: str = field(default="infoprompt", metadata={"help": "MLflow experiment name."})
     run_name: Optional[str] = field(default=None, metadata={"help": "MLflow run name (default: method-backbone-seed)."})
 
+    dist_timeout_minutes: float = field(default=30.0, metadata={"help": (
+        "Collective timeout: a rank that dies makes the others fail after this long instead of hanging.")})
+
     # --- launcher ---------------------------------------------------------------------------------
     deepspeed: Optional[str] = field(default=None, metadata={"help": (
         "DeepSpeed json path. Default: ds_configs/zero3.json of this repo.")})

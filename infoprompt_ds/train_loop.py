@@ -6,12 +6,14 @@ Data flows one way: config → data → model → loss → engine step → track
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
+import signal
 import socket
 import time
+import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +40,30 @@ def setup_environment() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torch deprecates the collective names DeepSpeed 0.19 still calls, once per call: pure noise.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
+
+
+# Exit code of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint (EX_TEMPFAIL: "try again"):
+# SLURM scripts requeue on it, and `--resume_from_checkpoint latest` continues the same run.
+EXIT_PREEMPTED = 75
+
+
+class StopRequested(Exception):
+    """Raised after a graceful stop has saved its checkpoint."""
+
+
+class _StopFlag:
+    """SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit) only set a flag; the loop
+    finishes the step it is in, agrees with the other ranks, saves, and exits with EXIT_PREEMPTED."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
 
 
 def _one_line(e: BaseException) -> str:
@@ -132,7 +158,9 @@ def backbone_shard_report(model, rank: int, world: int) -> dict[str, int]:
     local = total = 0
     for p in model.backbone.parameters():
         total += getattr(p, "ds_numel", p.numel())
-        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        # ZeRO-3 keeps tiny params (below stage3_param_persistence_threshold) whole on every rank.
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) else \
+            getattr(p, "ds_numel", p.numel())
     return {"rank": rank, "world_size": world, "backbone_params_total": total, "backbone_params_local": local}
 
 
@@ -201,7 +229,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     ds_config, total_steps, micro_per_epoch = ctx["ds_config"], ctx["total_steps"], ctx["micro_per_epoch"]
     accel = get_accelerator()
     on_gpu = accel.device_name() != "cpu"
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    stop = _StopFlag()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                               timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     if on_gpu:
         accel.set_device(ctx["local_rank"])
     device = torch.device(accel.device_name(ctx["local_rank"]) if on_gpu else "cpu")
@@ -328,6 +358,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 eval_and_track(step)
             if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
                 checkpoint(step)
+            # Every rank must agree to stop at the same step, or the checkpoint save would deadlock.
+            flag = torch.tensor([stop.signum], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and step < total_steps:
+                if not (cfg.save_steps and step % cfg.save_steps == 0):
+                    checkpoint(step)
+                if rank == 0:
+                    tqdm.write(f"[stop] signal {flag.item()} at step {step}: checkpoint saved, exiting "
+                               f"with code {EXIT_PREEMPTED}; resume with --resume_from_checkpoint latest")
+                raise StopRequested()
         bar.close()
 
         final = gather_trainable(engine)
@@ -350,8 +390,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             tracker.log_artifact(out / "metrics.json")
         status = "FINISHED"
         return result
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except (KeyboardInterrupt, StopRequested):
+        status = "KILLED"  # resumable: the checkpoint holds the MLflow run id, a resume reopens it
         raise
     finally:
         tracker.end(status)

@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random backbones (an encoder and a decoder) saved with save_pretrained, and a
+small synthetic sentiment dataset in csv whose label is decided by one word, so a prompt can learn it."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
+FILLER = "the a movie film plot actor scene story was is very quite this that it and but so".split()
+
+
+def make_rows(n_per_class: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for label, words in (("pos", POS), ("neg", NEG)):
+        for _ in range(n_per_class):
+            toks = [rng.choice(FILLER) for _ in range(rng.randint(4, 10))]
+            toks.insert(rng.randrange(len(toks) + 1), rng.choice(words))
+            rows.append({"text": " ".join(toks), "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("data")
+    return {"train_file": str(write_csv(d / "train.csv", make_rows(32, 0))),
+            "validation_file": str(write_csv(d / "validation.csv", make_rows(16, 1))),
+            "test_file": str(write_csv(d / "test.csv", make_rows(16, 2)))}
+
+
+def _vocab() -> list[str]:
+    return sorted(set(POS + NEG + FILLER + ["hello", "world"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide BERT with a word-level WordPiece vocabulary."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + _vocab()) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide Llama with a word-level tokenizer (pad and eos tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    words = ["<unk>", "<pad>", "</s>"] + _vocab()
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    config = LlamaConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                         pad_token_id=1, eos_token_id=2, bos_token_id=2)
+    import torch
+
+    torch.manual_seed(0)
+    LlamaModel(config).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def tiny_args(model: str, files: dict[str, str], out: Path, **over) -> list[str]:
+    """Command-line flags for a fast run on a tiny model."""
+    args = {"model_name_or_path": model, **files, "output_dir": str(out), "k_shot": "none",
+            "n_virtual_tokens": 4, "max_length": 24, "per_device_train_batch_size": 8,
+            "per_device_eval_batch_size": 16, "learning_rate": 0.05, "max_steps": 12, "logging_steps": 1,
+            "eval_steps": 6, "label_words": "pos=good,neg=bad", "mlflow_experiment": "tests"}
+    args.update(over)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def run_cli(args: list[str], launcher: list[str] | None = None, env: dict | None = None, timeout: int = 600,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py")] + args
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
