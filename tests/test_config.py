@@ -1,0 +1,83 @@
+import json
+
+import pytest
+
+from infoprompt_ds.config import ConfigError, TrainConfig, fill_ds_config, load_ds_config, parse_config
+
+
+def test_defaults_are_valid_and_documented():
+    from infoprompt_ds.config import build_parser
+
+    cfg = parse_config([])
+    assert cfg.method == "infoprompt" and cfg.k_shot == 64 and cfg.gamma == 0.1 and cfg.beta == 0.2
+    help_text = build_parser().format_help()
+    assert "--n_virtual_tokens" in help_text and "Soft prompt length" in help_text
+
+
+def test_cli_types():
+    cfg = parse_config(["--k_shot", "none", "--gamma", "0.5", "--bf16", "true", "--labels", "a,b",
+                        "--label_words", "a=good,b=bad", "--max_steps", "7"])
+    assert cfg.k_shot is None and cfg.gamma == 0.5 and cfg.bf16 is True and cfg.labels == ["a", "b"]
+    assert cfg.label_words == {"a": "good", "b": "bad"} and cfg.max_steps == 7
+    assert parse_config(["--label_words", '{"a": "good", "b": "bad"}']).label_words == {"a": "good", "b": "bad"}
+
+
+def test_file_then_cli_override(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("seed: 3\nlearning_rate: 0.02\nlabel_words: {fresh: good, rotten: bad}\n")
+    cfg = parse_config(["--config", str(f), "--seed", "5"])
+    assert cfg.seed == 5 and cfg.learning_rate == 0.02 and cfg.label_words == {"fresh": "good", "rotten": "bad"}
+    j = tmp_path / "run.json"
+    j.write_text(json.dumps({"method": "prompt"}))
+    assert parse_config(["--config", str(j)]).method == "prompt"
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--no_such_key", "1"], "no_such_key"),
+    (["--k_shot", "many"], "k_shot"),
+    (["--method", "lora"], "method"),
+    (["--n_virtual_tokens", "0"], "n_virtual_tokens"),
+    (["--learning_rate", "-1"], "learning_rate"),
+    (["--prompt_init", "text"], "prompt_init_text"),
+    (["--bf16", "maybe"], "bf16"),
+])
+def test_bad_values_name_the_field(argv, field):
+    with pytest.raises(ConfigError) as e:
+        parse_config(argv)
+    assert e.value.field == field and "\n" not in str(e.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rat"):
+        parse_config(["--config", str(f)])
+
+
+def test_vanilla_method_zeroes_mi_weights():
+    cfg = TrainConfig(method="prompt")
+    assert (cfg.gamma, cfg.beta, cfg.kl_weight) == (0, 0, 0) and not cfg.uses_mi
+
+
+def test_fill_ds_config_autos():
+    cfg = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=0.03, bf16=True)
+    ds = fill_ds_config(load_ds_config("ds_configs/zero3.json"), cfg, world_size=2, total_steps=100, hidden_size=16)
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["optimizer"]["params"]["lr"] == 0.03 and ds["scheduler"]["params"]["total_num_steps"] == 100
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 6 and ds["bf16"]["enabled"] is True
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 160
+    assert "auto" not in json.dumps(ds)
+
+
+def test_ds_config_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="deepspeed"):
+        load_ds_config(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        load_ds_config(str(tmp_path / "missing.json"))
+    conflicting = {"train_micro_batch_size_per_gpu": 3}
+    with pytest.raises(ConfigError, match="disagrees"):
+        fill_ds_config(conflicting, TrainConfig(), 1, 10, 8)
+    with pytest.raises(ConfigError, match="not supported"):
+        fill_ds_config({"optimizer": {"params": {"momentum": "auto"}}}, TrainConfig(), 1, 10, 8)

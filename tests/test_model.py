@@ -1,0 +1,81 @@
+"""The model without DeepSpeed engines (single process): freezing, pooling, losses present per method."""
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from infoprompt_ds.config import ConfigError, TrainConfig
+from infoprompt_ds.model import build_model, is_encoder, load_model_config, load_tokenizer, trainable_parameters
+
+
+def make(path, **over):
+    cfg = TrainConfig(model_name_or_path=path, n_virtual_tokens=4, max_length=16,
+                      label_words={"neg": "bad", "pos": "good"}, **over)
+    tok = load_tokenizer(cfg)
+    return cfg, tok, build_model(cfg, load_model_config(cfg), tok, ["neg", "pos"], torch.float32)
+
+
+def batch(tok):
+    enc = tok(["good film", "the plot was very bad and sad"], padding=True, return_tensors="pt")
+    return {k: v for k, v in enc.items()}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_llama"])
+def test_only_prompt_head_and_estimator_train(request, fixture):
+    cfg, tok, model = make(request.getfixturevalue(fixture))
+    names = set(trainable_parameters(model))
+    assert names and all(n.startswith(("prompt.", "head.", "bottleneck.")) for n in names)
+    assert any(n.startswith("bottleneck.") for n in names)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    out = model(**batch(tok), labels=torch.tensor([1, 0]), eps_pos=torch.randn(2, 32), eps_neg=torch.randn(2, 4, 32))
+    assert out["logits"].shape == (2, 2) and {"ce", "head", "repr", "kl", "loss"} <= set(out)
+    out["loss"].backward()
+    assert model.prompt.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_vanilla_mode_builds_and_trains_no_estimator(tiny_bert):
+    cfg, tok, model = make(tiny_bert, method="prompt")
+    assert model.bottleneck is None
+    assert set(trainable_parameters(model)) == {"prompt.weight", "head.weight", "head.bias"}
+    out = model(**batch(tok), labels=torch.tensor([1, 0]))
+    assert torch.equal(out["loss"], out["ce"]) and "repr" not in out
+
+
+def test_pooling_positions(tiny_llama, tiny_bert):
+    _, tok, model = make(tiny_llama)
+    assert model.pooling == "last"
+    b = batch(tok)
+    z = model(**b)["z"]
+    # the last real token of the shorter input sits at n + len - 1, not at the padded end
+    lengths = b["attention_mask"].sum(1)
+    full = torch.cat([model.prompt.weight.unsqueeze(0).expand(2, -1, -1),
+                      model.backbone.get_input_embeddings()(b["input_ids"])], 1)
+    mask = torch.cat([torch.ones(2, 4, dtype=torch.long), b["attention_mask"]], 1)
+    hidden = model.backbone(inputs_embeds=full, attention_mask=mask).last_hidden_state
+    assert torch.allclose(z[0], hidden[0, 4 + lengths[0] - 1], atol=1e-5)
+    assert torch.allclose(z[1], hidden[1, 4 + lengths[1] - 1], atol=1e-5)
+    _, tok, bert = make(tiny_bert)
+    assert bert.pooling == "cls"
+
+
+def test_unprompted_representation_is_the_plain_backbone(tiny_bert):
+    _, tok, model = make(tiny_bert)
+    b = batch(tok)
+    z0 = model(**b, unprompted_only=True)["z"]
+    plain = model.backbone(**b).last_hidden_state[:, 0]
+    assert torch.allclose(z0, plain, atol=1e-5)
+
+
+def test_backbone_stays_in_eval_mode(tiny_bert):
+    _, _, model = make(tiny_bert)
+    model.train()
+    assert model.training and not model.backbone.training
+
+
+def test_encoder_decoder_detection_and_prompt_length(tiny_bert, tiny_llama):
+    assert is_encoder(AutoConfig.from_pretrained(tiny_bert)) and not is_encoder(AutoConfig.from_pretrained(tiny_llama))
+    with pytest.raises(ConfigError, match="n_virtual_tokens"):
+        load_model_config(TrainConfig(model_name_or_path=tiny_bert, n_virtual_tokens=60, max_length=16))
+    with pytest.raises(ConfigError, match="model_name_or_path"):
+        load_model_config(TrainConfig(model_name_or_path="/nonexistent/model"))
