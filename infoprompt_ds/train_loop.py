@@ -164,6 +164,17 @@ def backbone_shard_report(model, rank: int, world: int) -> dict[str, int]:
     return {"rank": rank, "world_size": world, "backbone_params_total": total, "backbone_params_local": local}
 
 
+def retrace_zero3(engine) -> None:
+    """ZeRO-3 records the order in which a forward fetches parameters and replays it as a prefetch
+    schedule. Our passes (train step, eval, unprompted cache) touch different parameters, so a new
+    recording must start when switching between them, or DeepSpeed raises a 'tracing error'.
+    DeepSpeed has no public call for this; the coordinator's own invalidation is what it uses inside."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    coordinator = offload.get_param_coordinator() if offload is not None else None
+    if coordinator is not None and not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()
+
+
 # --- evaluation ------------------------------------------------------------------------------------
 
 def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, n_labels: int, device) -> dict:
@@ -173,6 +184,7 @@ def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, n_
     from .metrics import classification_metrics
 
     engine.eval()
+    retrace_zero3(engine)
     rows = []
     with torch.no_grad():
         for idx in _shard_batches(len(split), cfg.per_device_eval_batch_size, world, rank, False, 0, 0):
@@ -180,6 +192,7 @@ def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, n_
             logits = engine(**_model_inputs(batch))["logits"]
             rows += zip(batch["idx"].tolist(), logits.argmax(-1).tolist(), batch["labels"].tolist())
     engine.train()
+    retrace_zero3(engine)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     by_idx = {i: (p, y) for part in gathered for i, p, y in part}  # drops the sampler's padding duplicates
@@ -194,6 +207,7 @@ def compute_unprompted(engine, split, collate, cfg: TrainConfig, world: int, ran
     import torch.distributed as dist
 
     engine.eval()
+    retrace_zero3(engine)
     rows = []
     with torch.no_grad():
         for idx in _shard_batches(len(split), cfg.per_device_eval_batch_size, world, rank, False, 0, 0):
@@ -201,6 +215,7 @@ def compute_unprompted(engine, split, collate, cfg: TrainConfig, world: int, ran
             z = engine(**_model_inputs(batch), unprompted_only=True)["z"]
             rows += zip(batch["idx"].tolist(), z.float().cpu())
     engine.train()
+    retrace_zero3(engine)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     cache = {}

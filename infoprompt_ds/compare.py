@@ -1,0 +1,481 @@
+"""Compare methods across seeds from what is in MLflow.
+
+    python -m infoprompt_ds.compare --experiment NAME [--tracking_uri URI] [--target 0.8] [--sweep NAME]
+
+Reads the experiment's runs (mlflow.search_runs), groups the FINISHED ones by every param but the seed
+(and a few that name where a run wrote), and prints one row per group: mean ± std over seeds of the best
+validation metric and the test metric, steps and seconds to reach --target on validation, throughput.
+Methods that share everything else are compared with a paired t-test over seeds. Plots (validation
+metric and loss components vs step, one line per method, a ±std band over seeds) and the tables (CSV and
+Markdown) are written to --output_dir and logged as artifacts of a comparison run in the same
+experiment. Runs that failed, were killed or are still running are listed, never averaged in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ConfigError
+
+# Params that differ between seeds of the same configuration without changing what is compared.
+IGNORED_PARAMS = {"seed", "output_dir", "run_name", "mlflow_experiment", "resume_from_checkpoint",
+                  "overwrite_output_dir", "local_rank", "dist_timeout_minutes"}
+# Params that only the method sets (prompt tuning forces the MI weights to 0 and has no estimators): they
+# are part of a method's arm, not of the cell in which two methods are compared.
+METHOD_PARAMS = {"gamma", "beta", "kl_weight", "k_negatives", "bottleneck_dim", "mi_decay", "cache_unprompted",
+                 "trainable_params"}
+LOSS_KEYS = ("train/loss", "train/ce", "train/head", "train/repr", "train/kl")
+COMPARISON_TAG = "infoprompt.role"
+
+
+@dataclass
+class Options:
+    experiment: str
+    tracking_uri: str
+    metric: Optional[str] = None  # default: the runs' metric_for_best_model
+    target: float = 0.8
+    alpha: float = 0.05
+    sweep: Optional[str] = None
+    output_dir: Optional[Path] = None
+    log_to_mlflow: bool = True
+
+
+@dataclass
+class RunStats:
+    run_id: str
+    name: str
+    cell: tuple  # values of the cell columns: what two methods must share to be compared
+    arm: str  # the method, plus its own params where runs of one method differ in them
+    seed: str
+    best_val: float
+    test: float
+    steps_to_target: float  # nan: never reached
+    seconds_to_target: float
+    samples_per_s: float
+    history: dict[str, Any] = field(default_factory=dict)  # metric key -> DataFrame(step, value, timestamp)
+
+
+@dataclass
+class Comparison:
+    table: Any  # pandas DataFrame, one row per group
+    significance: Any  # pandas DataFrame, one row per method pair and cell
+    excluded: Any  # pandas DataFrame of runs not averaged in, with the reason
+    plots: list[Path]
+    cell_columns: list[str]
+    metric: str
+    run_id: Optional[str] = None
+
+
+# --- reading MLflow ------------------------------------------------------------------------------------
+
+def default_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    # Where a training with the default output_dir (outputs/run) keeps its store.
+    return f"sqlite:///{Path('outputs/mlflow.db').resolve()}"
+
+
+def load_runs(opts: Options):
+    import mlflow
+
+    mlflow.set_tracking_uri(opts.tracking_uri)
+    try:
+        exp = mlflow.get_experiment_by_name(opts.experiment)
+    except Exception as e:  # noqa: BLE001 - unreachable server or bad URI: one line for the user
+        raise ConfigError("tracking_uri", f"cannot read MLflow at {opts.tracking_uri}: {str(e).splitlines()[0][:200]}")
+    if exp is None:
+        raise ConfigError("experiment", f"no experiment named {opts.experiment!r} at {opts.tracking_uri}")
+    df = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas", max_results=50000)
+    if df.empty:
+        return df, exp
+    for col in (f"tags.{COMPARISON_TAG}", "tags.sweep.role", "tags.sweep.name", "tags.mlflow.runName"):
+        if col not in df:
+            df[col] = None
+    df = df[(df[f"tags.{COMPARISON_TAG}"] != "comparison") & (df["tags.sweep.role"] != "parent")]
+    if opts.sweep:
+        df = df[df["tags.sweep.name"] == opts.sweep]
+    return df.reset_index(drop=True), exp
+
+
+def history(client, run_id: str, key: str):
+    import pandas as pd
+
+    rows = [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key)]
+    h = pd.DataFrame(rows, columns=["step", "value", "timestamp"])
+    # A resumed run may log a step twice; the later value is the one that counts.
+    return h.sort_values(["step", "timestamp"]).drop_duplicates("step", keep="last").reset_index(drop=True)
+
+
+def _param_columns(df) -> list[str]:
+    return [c for c in df.columns if c.startswith("params.") and c[len("params."):] not in IGNORED_PARAMS]
+
+
+def split_runs(df, metric: str):
+    """(finished runs with results, excluded runs with a reason)."""
+    import pandas as pd
+
+    test_col = f"metrics.test/{metric}"
+    reasons = []
+    for _, r in df.iterrows():
+        if r["status"] != "FINISHED":
+            reasons.append(r["status"].lower())
+        elif test_col not in df or pd.isna(r.get(test_col)) or pd.isna(r.get("params.method")):
+            reasons.append(f"finished without test/{metric} or params")
+        else:
+            reasons.append(None)
+    df = df.assign(_reason=reasons)
+    return df[df["_reason"].isna()].drop(columns="_reason"), df[df["_reason"].notna()]
+
+
+def run_stats(client, r, cell_cols: list[str], arm: str, metric: str, target: float) -> RunStats:
+    import numpy as np
+
+    hist = {}
+    for key in (f"eval/{metric}", "train/samples_per_s", *LOSS_KEYS):
+        if f"metrics.{key}" in r.index and not _isnan(r[f"metrics.{key}"]):
+            hist[key] = history(client, r["run_id"], key)
+    ev = hist.get(f"eval/{metric}")
+    best = float(ev["value"].max()) if ev is not None and len(ev) else math.nan
+    steps = seconds = math.nan
+    if ev is not None:
+        hit = ev[ev["value"] >= target]
+        if len(hit):
+            steps = float(hit["step"].iloc[0])
+            start_ms = r["start_time"].timestamp() * 1000
+            seconds = (float(hit["timestamp"].iloc[0]) - start_ms) / 1000
+    sps = hist.get("train/samples_per_s")
+    return RunStats(run_id=r["run_id"], name=str(r.get("tags.mlflow.runName") or ""),
+                    cell=tuple(str(r[c]) for c in cell_cols), arm=arm,
+                    seed=str(r.get("params.seed")), best_val=best, test=float(r[f"metrics.test/{metric}"]),
+                    steps_to_target=steps, seconds_to_target=seconds,
+                    samples_per_s=float(np.mean(sps["value"])) if sps is not None and len(sps) else math.nan,
+                    history=hist)
+
+
+def arm_name(finished, r, method_cols: list[str]) -> str:
+    """The method, plus the method's own params (gamma, beta, ...) that differ between runs of that method."""
+    same = finished[finished["params.method"] == r["params.method"]]
+    varying = [c for c in method_cols if same[c].astype(str).nunique() > 1]
+    extra = ",".join(f"{c.removeprefix('params.')}={r[c]}" for c in varying)
+    return f"{r['params.method']}({extra})" if extra else str(r["params.method"])
+
+
+def _isnan(v) -> bool:
+    try:
+        return v is None or math.isnan(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+# --- statistics ------------------------------------------------------------------------------------------
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """(mean, sample std, n) over the values that exist; std is 0 for a single value."""
+    import numpy as np
+
+    v = [x for x in values if not _isnan(x)]
+    if not v:
+        return math.nan, math.nan, 0
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def fmt(mean: float, std: float, digits: int = 4) -> str:
+    if _isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def paired_test(a: dict[str, float], b: dict[str, float]) -> tuple[int, float, float]:
+    """(paired seeds, mean of a - b, two-sided paired t-test p) over the seeds both have."""
+    import numpy as np
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return 0, math.nan, math.nan
+    diff = np.array([a[s] - b[s] for s in seeds])
+    mean = float(diff.mean())
+    if len(seeds) < 2:
+        return len(seeds), mean, math.nan
+    if np.allclose(diff, diff[0]):
+        # Constant differences: the t statistic is infinite (or undefined at 0): no spread to test against.
+        return len(seeds), mean, 1.0 if abs(mean) < 1e-12 else 0.0
+    return len(seeds), mean, float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+
+
+def _by_cell(stats_: list[RunStats]) -> dict[tuple, dict[str, list[RunStats]]]:
+    cells: dict[tuple, dict[str, list[RunStats]]] = {}
+    for s in stats_:
+        cells.setdefault(s.cell, {}).setdefault(s.arm, []).append(s)
+    return cells
+
+
+def _arm_order(arms) -> list[str]:
+    return sorted(arms, key=lambda m: (not m.startswith("infoprompt"), m))
+
+
+def build_tables(stats_: list[RunStats], cell_cols: list[str], show_cols: list[str], metric: str, alpha: float):
+    """(one row per cell and arm, one row per pair of arms in a cell with its paired test)."""
+    import pandas as pd
+
+    rows, sig_rows = [], []
+    for cell, arms in sorted(_by_cell(stats_).items()):
+        where = {c.removeprefix("params."): v for c, v in zip(cell_cols, cell) if c in show_cols}
+        for arm in _arm_order(arms):
+            runs = arms[arm]
+            bv, test = mean_std([r.best_val for r in runs]), mean_std([r.test for r in runs])
+            st, sec = mean_std([r.steps_to_target for r in runs]), mean_std([r.seconds_to_target for r in runs])
+            sps = mean_std([r.samples_per_s for r in runs])
+            rows.append({"method": arm, **where, "seeds": len(runs),
+                         f"best_val_{metric}_mean": bv[0], f"best_val_{metric}_std": bv[1],
+                         f"test_{metric}_mean": test[0], f"test_{metric}_std": test[1],
+                         "steps_to_target_mean": st[0], "steps_to_target_std": st[1], "reached_target": st[2],
+                         "seconds_to_target_mean": sec[0], "seconds_to_target_std": sec[1],
+                         "samples_per_s_mean": sps[0], "samples_per_s_std": sps[1],
+                         "run_ids": " ".join(r.run_id for r in runs)})
+        order = _arm_order(arms)
+        for i, a in enumerate(order):
+            for b in order[i + 1:]:
+                row = {**where, "method_a": a, "method_b": b}
+                for label, attr in ((f"test_{metric}", "test"), (f"best_val_{metric}", "best_val")):
+                    n, diff, p = paired_test({r.seed: getattr(r, attr) for r in arms[a]},
+                                             {r.seed: getattr(r, attr) for r in arms[b]})
+                    row.update({f"{label}_paired_seeds": n, f"{label}_mean_diff": diff, f"{label}_p": p,
+                                f"{label}_significant": (p < alpha) if not _isnan(p) else None})
+                sig_rows.append(row)
+    return pd.DataFrame(rows), pd.DataFrame(sig_rows)
+
+
+# --- plots -----------------------------------------------------------------------------------------------
+
+def _band(ax, runs: list[RunStats], key: str, label: str, color):
+    import pandas as pd
+
+    curves = [r.history[key].set_index("step")["value"].rename(r.run_id) for r in runs if key in r.history]
+    if not curves:
+        return False
+    wide = pd.concat(curves, axis=1).sort_index()
+    mean, std = wide.mean(axis=1), wide.std(axis=1, ddof=1).fillna(0.0)
+    ax.plot(mean.index, mean.values, label=f"{label} (n={wide.shape[1]})", color=color)
+    ax.fill_between(mean.index, (mean - std).values, (mean + std).values, color=color, alpha=0.2)
+    return True
+
+
+def plot_cells(stats_: list[RunStats], cell_cols: list[str], show_cols: list[str], metric: str,
+               out: Path) -> list[Path]:
+    """Per cell: validation metric vs step, and loss components vs step; one line per method, ±std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    paths = []
+    for cell, arms in sorted(_by_cell(stats_).items()):
+        shown = [(c.removeprefix("params."), v) for c, v in zip(cell_cols, cell) if c in show_cols]
+        title = ", ".join(f"{k}={v}" for k, v in shown) or "all runs"
+        slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(f"{k}={v}" for k, v in shown)) or "all"
+        order = _arm_order(arms)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, m in enumerate(order):
+            _band(ax, arms[m], f"eval/{metric}", m, colors[i % len(colors)])
+        ax.set(xlabel="step", ylabel=f"validation {metric}", title=title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(out / f"val_{metric}__{slug}.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+
+        keys = [k for k in LOSS_KEYS if any(k in r.history for rs in arms.values() for r in rs)]
+        if keys:
+            fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+            for ax, key in zip(axes[0], keys):
+                for i, m in enumerate(order):
+                    _band(ax, arms[m], key, m, colors[i % len(colors)])
+                ax.set(xlabel="step", title=key)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+            fig.suptitle(title)
+            fig.tight_layout()
+            paths.append(out / f"losses__{slug}.png")
+            fig.savefig(paths[-1], dpi=100)
+            plt.close(fig)
+    return paths
+
+
+# --- output ----------------------------------------------------------------------------------------------
+
+def markdown(df) -> str:
+    """A GitHub-style table (pandas' to_markdown needs the optional `tabulate`)."""
+    if df is None or df.empty:
+        return "(none)\n"
+    cols = list(df.columns)
+
+    def cell(v):
+        if isinstance(v, float):
+            return "—" if math.isnan(v) else f"{v:.4g}"
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def display_table(table, show_cols: list[str], metric: str):
+    """The table as people read it: one 'mean ± std' cell per quantity."""
+    import pandas as pd
+
+    if table.empty:
+        return table
+    out = table[["method"] + [c.removeprefix("params.") for c in show_cols] + ["seeds"]].copy()
+    out[f"best val {metric}"] = [fmt(m, s) for m, s in zip(table[f"best_val_{metric}_mean"], table[f"best_val_{metric}_std"])]
+    out[f"test {metric}"] = [fmt(m, s) for m, s in zip(table[f"test_{metric}_mean"], table[f"test_{metric}_std"])]
+    out["steps to target"] = [f"{fmt(m, s, 1)} ({k}/{n})" for m, s, k, n in
+                              zip(table["steps_to_target_mean"], table["steps_to_target_std"], table["reached_target"], table["seeds"])]
+    out["seconds to target"] = [fmt(m, s, 1) for m, s in zip(table["seconds_to_target_mean"], table["seconds_to_target_std"])]
+    out["samples/s"] = [fmt(m, s, 1) for m, s in zip(table["samples_per_s_mean"], table["samples_per_s_std"])]
+    return pd.DataFrame(out)
+
+
+def significance_lines(sig, metric: str, alpha: float) -> list[str]:
+    lines = []
+    for _, r in sig.iterrows():
+        where = ", ".join(f"{k}={r[k]}" for k in sig.columns if k not in ("method_a", "method_b")
+                          and not k.startswith(("test_", "best_val_")))
+        key = f"test_{metric}"
+        n, d, p = r[f"{key}_paired_seeds"], r[f"{key}_mean_diff"], r[f"{key}_p"]
+        if _isnan(p):
+            verdict = f"not testable (need >= 2 paired seeds, have {n})"
+        else:
+            verdict = ("significant" if p < alpha else "not significant") + f" at alpha={alpha} (paired t-test p={p:.3g})"
+        lines.append(f"{r['method_a']} vs {r['method_b']}" + (f" [{where}]" if where else "")
+                     + f": test {metric} difference {d:+.4f} over {n} paired seeds: {verdict}")
+    return lines
+
+
+def compare(opts: Options, echo=print) -> Comparison:
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    df, exp = load_runs(opts)
+    if df.empty:
+        raise ConfigError("experiment", f"experiment {opts.experiment!r} has no training runs"
+                          + (f" of sweep {opts.sweep!r}" if opts.sweep else ""))
+    metric = opts.metric
+    if metric is None:
+        col = df.get("params.metric_for_best_model")
+        values = set(col.dropna()) if col is not None else set()
+        metric = values.pop() if len(values) == 1 else "accuracy"
+    finished, excluded = split_runs(df, metric)
+    params = sorted(_param_columns(finished)) if not finished.empty else []
+    cell_cols = [c for c in params if c != "params.method" and c[len("params."):] not in METHOD_PARAMS]
+    method_cols = [c for c in params if c[len("params."):] in METHOD_PARAMS]
+    # Shown: the cell columns that differ between cells (k_shot, backbone, ...); the rest is shared.
+    show_cols = [c for c in cell_cols if finished[c].astype(str).nunique() > 1]
+
+    client = MlflowClient(opts.tracking_uri)
+    stats_ = [run_stats(client, r, cell_cols, arm_name(finished, r, method_cols), metric, opts.target)
+              for _, r in finished.iterrows()]
+    # One result per (cell, arm, seed): a cell trained twice counts once (the newest run).
+    newest: dict[tuple, RunStats] = {}
+    start = dict(zip(finished["run_id"], finished["start_time"]))
+    dupes = []
+    for s in sorted(stats_, key=lambda s: start[s.run_id]):
+        key = (s.cell, s.arm, s.seed)
+        if key in newest:
+            dupes.append(newest[key].run_id)
+        newest[key] = s
+    stats_ = list(newest.values())
+    excl = pd.DataFrame({"run_id": excluded["run_id"], "name": excluded["tags.mlflow.runName"],
+                         "status": excluded["status"], "reason": excluded["_reason"]})
+    if dupes:
+        excl = pd.concat([excl, pd.DataFrame({"run_id": dupes, "name": "", "status": "FINISHED",
+                                              "reason": "older duplicate of a newer run with the same params and seed"})])
+
+    out = Path(opts.output_dir or Path("outputs") / "compare" / re.sub(r"[^A-Za-z0-9_.-]+", "_", opts.experiment))
+    out.mkdir(parents=True, exist_ok=True)
+    if stats_:
+        table, sig = build_tables(stats_, cell_cols, show_cols, metric, opts.alpha)
+        plots = plot_cells(stats_, cell_cols, show_cols, metric, out)
+    else:
+        table, sig, plots = pd.DataFrame(), pd.DataFrame(), []
+    shown = display_table(table, show_cols, metric)
+
+    table.to_csv(out / "comparison.csv", index=False)
+    sig.to_csv(out / "significance.csv", index=False)
+    sig_text = significance_lines(sig, metric, opts.alpha) if not sig.empty else ["no method pairs to test"]
+    report = [f"# {opts.experiment}: {len(stats_)} finished runs" + (f" (sweep {opts.sweep})" if opts.sweep else ""),
+              "", f"metric: {metric}; target: validation {metric} >= {opts.target}; mean ± std over seeds", "",
+              markdown(shown), "## Significance (paired over seeds)", "", *[f"- {x}" for x in sig_text], "",
+              "## Not included", "", markdown(excl)]
+    (out / "comparison.md").write_text("\n".join(report), encoding="utf-8")
+    echo("\n".join(report))
+    echo(f"plots: {', '.join(str(p) for p in plots) or '(none)'}")
+
+    result = Comparison(table=table, significance=sig, excluded=excl, plots=plots, cell_columns=cell_cols,
+                        metric=metric)
+    if opts.log_to_mlflow:
+        result.run_id = log_comparison(client, exp.experiment_id, opts, metric, out, plots, len(stats_))
+        echo(f"logged as run {result.run_id} (tag {COMPARISON_TAG}=comparison) in experiment {opts.experiment!r}")
+    return result
+
+
+def log_comparison(client, exp_id: str, opts: Options, metric: str, out: Path, plots: list[Path], n: int) -> str:
+    from mlflow.entities import Param
+
+    name = f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = client.create_run(exp_id, tags={COMPARISON_TAG: "comparison", **({"sweep.name": opts.sweep} if opts.sweep else {})},
+                            run_name=name)
+    rid = run.info.run_id
+    client.log_batch(rid, params=[Param(k, str(v)) for k, v in
+                                  {"metric": metric, "target": opts.target, "alpha": opts.alpha, "runs": n,
+                                   "sweep": opts.sweep}.items()])
+    for f in ("comparison.csv", "comparison.md", "significance.csv"):
+        client.log_artifact(rid, str(out / f))
+    for p in plots:
+        client.log_artifact(rid, str(p), "plots")
+    client.set_terminated(rid)
+    return rid
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m infoprompt_ds.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
+    parser.add_argument("--tracking_uri", default=None,
+                        help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
+    parser.add_argument("--metric", default=None, help="accuracy | macro_f1 | mcc (default: the runs' metric_for_best_model)")
+    parser.add_argument("--target", type=float, default=0.8, help="validation metric value for 'steps to target'")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired test")
+    parser.add_argument("--sweep", default=None, help="only the runs of this sweep (tag sweep.name)")
+    parser.add_argument("--output_dir", default=None, help="tables and plots (default: outputs/compare/<experiment>)")
+    parser.add_argument("--no_log", action="store_true", help="do not log a comparison run to MLflow")
+    args = parser.parse_args(argv)
+    try:
+        if args.metric is not None and args.metric not in ("accuracy", "macro_f1", "mcc"):
+            raise ConfigError("metric", f"must be one of accuracy, macro_f1, mcc; got {args.metric!r}")
+        if not 0 < args.alpha < 1:
+            raise ConfigError("alpha", f"must be in (0, 1), got {args.alpha}")
+        uri = args.tracking_uri or default_uri()
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            raise ConfigError("tracking_uri", f"no MLflow store at {uri}; pass --tracking_uri or set MLFLOW_TRACKING_URI")
+        compare(Options(experiment=args.experiment, tracking_uri=uri, metric=args.metric, target=args.target,
+                        alpha=args.alpha, sweep=args.sweep, output_dir=Path(args.output_dir) if args.output_dir else None,
+                        log_to_mlflow=not args.no_log))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""Run a grid of trainings (methods x seeds x k-shot x ...) as MLflow child runs of one parent run.
+
+    python -m infoprompt_ds.sweep --config sweeps/rt_64shot.yaml [--set max_steps=50] [--dry_run]
+
+Each grid cell is one training, launched as a subprocess of the real CLI (`python train.py ...` or the
+deepspeed launcher), so a crash of one run does not end the sweep. Each child run carries tags that
+name its grid cell (`sweep.name`, `sweep.cell`, `sweep.args_hash`, `grid.<field>`); a sweep started again
+skips the cells that already have a FINISHED run with the same arguments and redoes the rest (resuming
+from the cell's checkpoint when one exists). The YAML format is documented in docs/tracking.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import REPO_ROOT, ConfigError, load_config_file, parse_config
+from .tracking import ENV_PARENT, ENV_TAGS, PARENT_TAG
+
+# Fields the sweep sets itself for every cell.
+RESERVED = ("output_dir", "run_name", "mlflow_experiment", "resume_from_checkpoint", "overwrite_output_dir",
+            "local_rank")
+# Not part of a cell's identity: where it writes, and how the sweep restarts it.
+_NOT_HASHED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
+EXIT_PREEMPTED = 75
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    experiment: str
+    output_root: Path
+    launcher: list[str]
+    tracking_uri: Optional[str]
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    source: Optional[Path] = None
+    run_timeout_s: Optional[float] = None
+
+
+@dataclass
+class Cell:
+    values: dict[str, Any]  # this cell's grid values, in grid order
+    args: dict[str, str]  # every CLI flag of its training (base + cell + the sweep's own)
+
+    @property
+    def cell_id(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.values.items())
+
+    @property
+    def group_id(self) -> str:
+        """The cell without its seed: runs that differ only in seed form one group."""
+        return ",".join(f"{k}={v}" for k, v in self.values.items() if k != "seed") or "all"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(f"{k}={v}" for k, v in self.values.items())) or "run"
+
+    @property
+    def args_hash(self) -> str:
+        ident = {k: v for k, v in sorted(self.args.items()) if k not in _NOT_HASHED}
+        return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    status: str  # FINISHED | SKIPPED | FAILED | KILLED
+    run_id: Optional[str] = None
+    seconds: float = 0.0
+    returncode: Optional[int] = None
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.status in ("FINISHED", "SKIPPED") for o in self.outcomes)
+
+
+# --- spec -----------------------------------------------------------------------------------------------
+
+def _cli_value(v: Any) -> str:
+    """A YAML value as the training CLI parses it."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return str(v)
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError("set", f"expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def load_spec(path: str, overrides: Optional[dict[str, Any]] = None, tracking_uri: Optional[str] = None,
+              output_root: Optional[str] = None) -> SweepSpec:
+    from .config import _HINTS
+
+    raw = load_config_file(path)
+    known = {"name", "experiment", "output_root", "launcher", "tracking_uri", "base", "grid", "run_timeout_s"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(key, f"unknown sweep key in {path}; expected {', '.join(sorted(known))}")
+    base = dict(raw.get("base") or {})
+    base.update(overrides or {})
+    grid = raw.get("grid") or {}
+    if not isinstance(base, dict):
+        raise ConfigError("base", "must be a mapping of training field: value")
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError("grid", "must be a non-empty mapping of training field: [values]")
+    for key in list(base) + list(grid):
+        if key not in _HINTS:
+            raise ConfigError(key, "is not a training field; see `python train.py --help`")
+        if key in RESERVED:
+            raise ConfigError(key, "is set by the sweep for each run; remove it from the sweep file")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid.{key}", f"must be a non-empty list, got {values!r}")
+        if len(set(map(_cli_value, values))) != len(values):
+            raise ConfigError(f"grid.{key}", f"has duplicate values: {values}")
+        if key in base:
+            raise ConfigError(key, "is both in base and in grid")
+    launcher = raw.get("launcher", "python")
+    if isinstance(launcher, str):
+        launcher = [sys.executable] if launcher.strip() == "python" else shlex.split(launcher)
+    if not isinstance(launcher, list) or not launcher or not all(isinstance(x, str) for x in launcher):
+        raise ConfigError("launcher", "must be 'python', a command string or a list of strings")
+    name = str(raw.get("name") or Path(path).stem)
+    experiment = str(raw.get("experiment") or name)
+    root = Path(output_root or raw.get("output_root") or f"outputs/sweeps/{name}")
+    timeout = raw.get("run_timeout_s")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ConfigError("run_timeout_s", f"must be a number > 0, got {timeout!r}")
+    return SweepSpec(name=name, experiment=experiment, output_root=root.resolve(), launcher=launcher,
+                     tracking_uri=tracking_uri or raw.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
+                     base=base, grid=grid, source=Path(path).resolve(), run_timeout_s=timeout)
+
+
+def expand(spec: SweepSpec) -> list[Cell]:
+    """Every grid cell, each checked by the training's own config parser (bad input fails here, in ms)."""
+    keys = list(spec.grid)
+    # Seeds vary slowest: a sweep stopped half-way has every method on the first seeds, which compare can
+    # already pair, instead of all seeds of one method and none of the other.
+    order = sorted(keys, key=lambda k: k != "seed")
+    cells = []
+    for combo in itertools.product(*(spec.grid[k] for k in order)):
+        values = {k: dict(zip(order, combo))[k] for k in keys}
+        args = {k: _cli_value(v) for k, v in {**spec.base, **values}.items()}
+        cell = Cell(values=values, args=args)
+        args.update(output_dir=str(spec.output_root / cell.slug), mlflow_experiment=spec.experiment,
+                    run_name=f"{spec.name}/{cell.slug}")
+        parse_config(to_argv(args))  # raises ConfigError naming the field
+        cells.append(cell)
+    return cells
+
+
+def to_argv(args: dict[str, str]) -> list[str]:
+    return [x for k, v in args.items() for x in (f"--{k}", v)]
+
+
+# --- MLflow side -----------------------------------------------------------------------------------------
+
+def resolve_uri(spec: SweepSpec) -> tuple[str, Optional[str]]:
+    """(tracking URI, artifact location for a new experiment). Without a server: a sqlite store in
+    output_root, the same place the trainings' default store (beside their output_dir) points to."""
+    if spec.tracking_uri:
+        return spec.tracking_uri, None
+    return f"sqlite:///{spec.output_root / 'mlflow.db'}", (spec.output_root / "mlartifacts").as_uri()
+
+
+def sweep_runs(client, exp_id: str, name: str, role: str) -> list:
+    return client.search_runs([exp_id], filter_string=f"tags.`sweep.name` = '{name}' and tags.`sweep.role` = '{role}'",
+                              max_results=5000)
+
+
+def finished_cells(client, exp_id: str, name: str) -> dict[tuple[str, str], str]:
+    """(cell id, args hash) -> run id of a FINISHED run of this sweep."""
+    done = {}
+    for run in sweep_runs(client, exp_id, name, "child"):
+        if run.info.status == "FINISHED":
+            done[(run.data.tags.get("sweep.cell"), run.data.tags.get("sweep.args_hash"))] = run.info.run_id
+    return done
+
+
+def _parent_run(client, exp_id: str, spec: SweepSpec) -> str:
+    found = sweep_runs(client, exp_id, spec.name, "parent")
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {"sweep.name": spec.name, "sweep.role": "parent", "sweep.grid": json.dumps(spec.grid)[:5000]}
+    run = client.create_run(exp_id, tags=tags, run_name=spec.name)
+    return run.info.run_id
+
+
+def _cell_tags(spec: SweepSpec, cell: Cell) -> dict[str, str]:
+    return {"sweep.name": spec.name, "sweep.role": "child", "sweep.cell": cell.cell_id,
+            "sweep.group": cell.group_id, "sweep.args_hash": cell.args_hash,
+            **{f"grid.{k}": _cli_value(v) for k, v in cell.values.items()}}
+
+
+def _close_stale(client, exp_id: str, spec: SweepSpec, cell: Cell, status: str) -> None:
+    """Runs of this cell left RUNNING (a killed training never ended its run) get a final status, so that
+    `compare` lists them as failed instead of as still running."""
+    for run in sweep_runs(client, exp_id, spec.name, "child"):
+        if run.data.tags.get("sweep.cell") == cell.cell_id and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status=status)
+
+
+def _has_checkpoint(output_dir: Path) -> bool:
+    from .checkpoint import complete_checkpoints, checkpoint_root
+
+    return bool(complete_checkpoints(checkpoint_root(str(output_dir))))
+
+
+# --- running --------------------------------------------------------------------------------------------
+
+def launch(spec: SweepSpec, cell: Cell, uri: str, parent_id: str, run_id: Optional[str], resume: bool,
+           log_path: Path) -> subprocess.Popen:
+    args = dict(cell.args)
+    if resume:
+        args["resume_from_checkpoint"] = "latest"  # the checkpoint names the MLflow run to continue
+    else:
+        args["overwrite_output_dir"] = "true"  # a stale output of an attempt MLflow does not know as finished
+    cmd = spec.launcher + [str(REPO_ROOT / "train.py")] + to_argv(args)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, ENV_PARENT: parent_id,
+           ENV_TAGS: json.dumps(_cell_tags(spec, cell)), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    if run_id:
+        env["MLFLOW_RUN_ID"] = run_id
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "a")
+    log.write(f"\n$ {shlex.join(cmd)}\n")
+    log.flush()
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait(proc: subprocess.Popen, timeout: Optional[float]) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # graceful stop: checkpoint, exit 75, resumable by the next sweep
+        try:
+            return proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepResult:
+    from mlflow import MlflowClient
+
+    from .tracking import _experiment_id
+
+    cells = expand(spec)
+    uri, artifact_location = resolve_uri(spec)
+    if dry_run:
+        for cell in cells:
+            echo(shlex.join(spec.launcher + [str(REPO_ROOT / "train.py")] + to_argv(cell.args)))
+        return SweepResult(parent_run_id="")
+    spec.output_root.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(uri)
+    try:
+        exp_id = _experiment_id(client, spec.experiment, artifact_location)
+    except Exception as e:  # noqa: BLE001 - the sweep needs the store to know what is done
+        raise ConfigError("tracking_uri", f"cannot reach MLflow at {uri}: {str(e).splitlines()[0][:200]}")
+    parent_id = _parent_run(client, exp_id, spec)
+    if spec.source and spec.source.is_file():
+        client.log_artifact(parent_id, str(spec.source))
+    done = finished_cells(client, exp_id, spec.name)
+    result = SweepResult(parent_run_id=parent_id)
+    echo(f"[sweep] {spec.name}: {len(cells)} runs in experiment {spec.experiment!r} at {uri} "
+         f"(parent run {parent_id})")
+    status = "FAILED"
+    proc = None
+    try:
+        for i, cell in enumerate(cells, 1):
+            key = (cell.cell_id, cell.args_hash)
+            if key in done:
+                result.outcomes.append(Outcome(cell, "SKIPPED", done[key]))
+                echo(f"[sweep] {i}/{len(cells)} skip {cell.cell_id} (finished: run {done[key]})")
+                continue
+            out = Path(cell.args["output_dir"])
+            resume = _has_checkpoint(out)
+            _close_stale(client, exp_id, spec, cell, "KILLED" if resume else "FAILED")
+            run_id = None
+            if not resume:
+                # Created here, not by the training, so that a run that crashes before it reaches MLflow
+                # (bad data, out of memory) still shows up as a FAILED run of its cell.
+                tags = {**_cell_tags(spec, cell), PARENT_TAG: parent_id}
+                run_id = client.create_run(exp_id, tags=tags, run_name=cell.args["run_name"]).info.run_id
+            echo(f"[sweep] {i}/{len(cells)} run  {cell.cell_id}" + (" (resuming its checkpoint)" if resume else "")
+                 + f"; log: {out / 'train.log'}")
+            t0 = time.monotonic()
+            proc = launch(spec, cell, uri, parent_id, run_id, resume, out / "train.log")
+            rc = _wait(proc, spec.run_timeout_s)
+            proc = None
+            seconds = time.monotonic() - t0
+            run_id = _run_id_of(out) or run_id
+            state = "FINISHED" if rc == 0 else "KILLED" if rc in (EXIT_PREEMPTED, -signal.SIGINT, -signal.SIGTERM) \
+                else "FAILED"
+            if state != "FINISHED":
+                _close_stale(client, exp_id, spec, cell, state)
+            result.outcomes.append(Outcome(cell, state, run_id, seconds, rc))
+            echo(f"[sweep] {i}/{len(cells)} {state.lower()} {cell.cell_id} in {seconds:.0f}s (exit {rc}, run {run_id})")
+        status = "FINISHED" if result.ok else "FAILED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # lets the training save a checkpoint the next sweep resumes
+            _wait(proc, 120)
+        raise
+    finally:
+        counts = {s: sum(o.status == s for o in result.outcomes) for s in ("FINISHED", "SKIPPED", "FAILED", "KILLED")}
+        try:
+            client.log_batch(parent_id, metrics=[_metric(f"sweep/runs_{k.lower()}", v) for k, v in counts.items()])
+            client.set_terminated(parent_id, status=status)
+        except Exception as e:  # noqa: BLE001 - the children's results are in MLflow already
+            print(f"warning: could not close the parent run {parent_id}: {e}", file=sys.stderr)
+    return result
+
+
+def _metric(key: str, value: float):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+def _run_id_of(output_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((output_dir / "metrics.json").read_text()).get("mlflow_run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def summary(result: SweepResult) -> str:
+    lines = [f"{'status':9} {'seconds':>7}  run_id                            cell"]
+    for o in result.outcomes:
+        lines.append(f"{o.status:9} {o.seconds:7.0f}  {o.run_id or '-':32}  {o.cell.cell_id}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m infoprompt_ds.sweep", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="sweep YAML (see sweeps/ and docs/tracking.md)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a base training field for every run (repeatable)")
+    parser.add_argument("--tracking_uri", default=None, help="MLflow store (default: the file's, then "
+                        "MLFLOW_TRACKING_URI, then sqlite in output_root)")
+    parser.add_argument("--output_root", default=None, help="where each run's output_dir goes")
+    parser.add_argument("--dry_run", action="store_true", help="print the training commands and exit")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_spec(args.config, _parse_set(args.set), args.tracking_uri, args.output_root)
+        result = run_sweep(spec, dry_run=args.dry_run)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.dry_run:
+        return
+    print(summary(result))
+    sys.exit(0 if result.ok else 1)
+
+
+if __name__ == "__main__":
+    main()
