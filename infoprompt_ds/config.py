@@ -261,7 +261,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Train an InfoPrompt soft prompt on a frozen, ZeRO-3-sharded backbone.",
+    parser = _Parser(description="Train an InfoPrompt soft prompt on a frozen, ZeRO-3-sharded backbone.", allow_abbrev=False,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML/JSON file of field: value; command-line flags override it.")
     for f in fields(TrainConfig):
