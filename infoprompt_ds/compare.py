@@ -219,6 +219,17 @@ def _by_cell(stats_: list[RunStats]) -> dict[tuple, dict[str, list[RunStats]]]:
     return cells
 
 
+def _natural(values: tuple) -> tuple:
+    """Sort key: numbers as numbers (k_shot 64 before 256), the rest as text."""
+    out = []
+    for v in values:
+        try:
+            out.append((0, float(v), ""))
+        except ValueError:
+            out.append((1, 0.0, str(v)))
+    return tuple(out)
+
+
 def _arm_order(arms) -> list[str]:
     return sorted(arms, key=lambda m: (not m.startswith("infoprompt"), m))
 
@@ -228,7 +239,7 @@ def build_tables(stats_: list[RunStats], cell_cols: list[str], show_cols: list[s
     import pandas as pd
 
     rows, sig_rows = [], []
-    for cell, arms in sorted(_by_cell(stats_).items()):
+    for cell, arms in sorted(_by_cell(stats_).items(), key=lambda kv: _natural(kv[0])):
         where = {c.removeprefix("params."): v for c, v in zip(cell_cols, cell) if c in show_cols}
         for arm in _arm_order(arms):
             runs = arms[arm]
@@ -280,7 +291,7 @@ def plot_cells(stats_: list[RunStats], cell_cols: list[str], show_cols: list[str
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     paths = []
-    for cell, arms in sorted(_by_cell(stats_).items()):
+    for cell, arms in sorted(_by_cell(stats_).items(), key=lambda kv: _natural(kv[0])):
         shown = [(c.removeprefix("params."), v) for c, v in zip(cell_cols, cell) if c in show_cols]
         title = ", ".join(f"{k}={v}" for k, v in shown) or "all runs"
         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(f"{k}={v}" for k, v in shown)) or "all"
