@@ -63,8 +63,8 @@ class TrainConfig:
 
     # --- method -----------------------------------------------------------------------------------
     method: str = field(default="infoprompt", metadata={"help": (
-        "infoprompt, or prompt (vanilla prompt tuning: the same code path with gamma=beta=kl_weight=0 "
-        "and no estimator networks).")})
+        "infoprompt, prompt (vanilla prompt tuning: the same code path with gamma=beta=kl_weight=0 "
+        "and no estimator networks), or probe (no prompt at all: only the head trains, a linear probe).")})
     n_virtual_tokens: int = field(default=16, metadata={"help": "Soft prompt length n."})
     prompt_init: str = field(default="vocab", metadata={"help": (
         "random (normal, std of the vocab embeddings) | vocab (seeded vocabulary rows) | text "
@@ -120,7 +120,7 @@ class TrainConfig:
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; ignored (LOCAL_RANK is read)."})
 
     def __post_init__(self):
-        _check_choice("method", self.method, ("infoprompt", "prompt"))
+        _check_choice("method", self.method, ("infoprompt", "prompt", "probe"))
         _check_choice("prompt_init", self.prompt_init, ("random", "vocab", "text", "labels"))
         _check_choice("pooling", self.pooling, ("auto", "cls", "last", "mean"))
         _check_choice("metric_for_best_model", self.metric_for_best_model, ("accuracy", "macro_f1", "mcc"))
@@ -152,7 +152,7 @@ class TrainConfig:
             raise ConfigError("bf16", "bf16 and fp16 cannot both be true")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ConfigError("labels", f"has duplicates: {self.labels}")
-        if self.method == "prompt":
+        if self.method in ("prompt", "probe"):
             # Vanilla prompt tuning is InfoPrompt with every MI weight at zero: one code path, a fair comparison.
             self.gamma = self.beta = self.kl_weight = 0.0
 

@@ -68,7 +68,8 @@ def load_model_config(cfg: TrainConfig):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError("model_name_or_path", f"cannot load {cfg.model_name_or_path!r}: {msg}")
     max_pos = getattr(model_config, "max_position_embeddings", None)
-    if max_pos is not None and cfg.n_virtual_tokens + cfg.max_length > max_pos:
+    n_prompt = 0 if cfg.method == "probe" else cfg.n_virtual_tokens
+    if max_pos is not None and n_prompt + cfg.max_length > max_pos:
         raise ConfigError("n_virtual_tokens", f"n_virtual_tokens + max_length = {cfg.n_virtual_tokens} + "
                           f"{cfg.max_length} exceeds the model's {max_pos} positions; lower one of them")
     return model_config
@@ -87,13 +88,14 @@ class InfoPromptModel(nn.Module):
         super().__init__()
         hidden = backbone.config.hidden_size
         self.backbone = backbone.requires_grad_(False)
-        self.prompt = SoftPrompt(cfg.n_virtual_tokens, hidden)
+        # A linear probe (method=probe) is the same model with no prompt: the baseline the paper omits.
+        self.prompt = SoftPrompt(cfg.n_virtual_tokens, hidden) if cfg.method != "probe" else None
         self.head = nn.Linear(hidden, n_labels)
         # Vanilla prompt tuning builds no estimator at all: nothing extra to train, store or compute.
         self.bottleneck = mi.Bottleneck(hidden, cfg.bottleneck_dim) if cfg.uses_mi else None
         self.pooling = pooling
         self.gamma, self.beta, self.kl_weight = cfg.gamma, cfg.beta, cfg.kl_weight
-        self.n_virtual_tokens = cfg.n_virtual_tokens
+        self.n_virtual_tokens = cfg.n_virtual_tokens if self.prompt is not None else 0
 
     def train(self, mode: bool = True):
         # The frozen backbone always runs in eval mode (no dropout): it is deterministic, so the cached
@@ -132,7 +134,7 @@ class InfoPromptModel(nn.Module):
             return {"z": self.unprompted(input_ids, attention_mask, token_type_ids)}
         embeds = self.backbone.get_input_embeddings()(input_ids)
         b, n = input_ids.shape[0], self.n_virtual_tokens
-        prompt = self.prompt.weight.to(embeds.dtype)
+        prompt = self.prompt.weight.to(embeds.dtype) if self.prompt is not None else embeds.new_zeros(0, embeds.shape[-1])
         full_embeds = torch.cat([prompt.unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
         full_mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
         full_tt = None
@@ -185,8 +187,9 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, label_names: list[str
     words = [cfg.label_words[n] for n in label_names] if cfg.label_words else None
     emb = backbone.get_input_embeddings().weight
     with _gathered([emb]), torch.no_grad():
-        model.prompt.weight.copy_(init_values(cfg.prompt_init, cfg.n_virtual_tokens, emb, tokenizer, cfg.seed,
-                                              cfg.prompt_init_text, words))
+        if model.prompt is not None:
+            model.prompt.weight.copy_(init_values(cfg.prompt_init, cfg.n_virtual_tokens, emb, tokenizer, cfg.seed,
+                                                  cfg.prompt_init_text, words))
         if words:
             model.head.weight.copy_(head_init(emb, tokenizer, words))
             model.head.bias.zero_()

@@ -31,8 +31,9 @@ class Predictor:
     def load(cls, export_dir: str, model_name_or_path: Optional[str] = None, device: Optional[str] = None):
         tensors, meta = load_export(export_dir)
         # Only what prediction needs: vanilla mode builds no estimator networks.
-        cfg = TrainConfig(model_name_or_path=model_name_or_path or meta["backbone"], method="prompt",
-                          n_virtual_tokens=meta["n_virtual_tokens"], max_length=meta["max_length"],
+        cfg = TrainConfig(model_name_or_path=model_name_or_path or meta["backbone"],
+                          method="probe" if meta["method"] == "probe" else "prompt",
+                          n_virtual_tokens=max(1, meta["n_virtual_tokens"]), max_length=meta["max_length"],
                           pooling=meta["pooling"], k_shot=None)
         from transformers import AutoModel
 

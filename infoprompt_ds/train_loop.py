@@ -295,7 +295,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if engine.module.bottleneck is not None and cfg.cache_unprompted:
             z_cache = compute_unprompted(engine, train, collate, cfg, world, rank, device)
 
-        meta = {"backbone": cfg.model_name_or_path, "labels": data.label_names, "n_virtual_tokens": cfg.n_virtual_tokens,
+        meta = {"backbone": cfg.model_name_or_path, "labels": data.label_names,
+                "n_virtual_tokens": engine.module.n_virtual_tokens,
                 "pooling": engine.module.pooling, "max_length": cfg.max_length, "method": cfg.method,
                 "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
                 "bottleneck_dim": cfg.bottleneck_dim if engine.module.bottleneck is not None else None}

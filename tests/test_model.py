@@ -79,3 +79,11 @@ def test_encoder_decoder_detection_and_prompt_length(tiny_bert, tiny_llama):
         load_model_config(TrainConfig(model_name_or_path=tiny_bert, n_virtual_tokens=60, max_length=16))
     with pytest.raises(ConfigError, match="model_name_or_path"):
         load_model_config(TrainConfig(model_name_or_path="/nonexistent/model"))
+
+
+def test_probe_trains_only_the_head(tiny_bert):
+    cfg, tok, model = make(tiny_bert, method="probe")
+    assert model.prompt is None and set(trainable_parameters(model)) == {"head.weight", "head.bias"}
+    out = model(**batch(tok), labels=torch.tensor([1, 0]))
+    plain = model.backbone(**batch(tok)).last_hidden_state[:, 0]
+    assert torch.allclose(out["z"], plain, atol=1e-5)  # no prompt in front: the plain representation
