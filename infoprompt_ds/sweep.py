@@ -297,6 +297,7 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepResult
          f"(parent run {parent_id})")
     status = "FAILED"
     proc = None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a scheduler's SIGTERM: stop like Ctrl-C
     try:
         for i, cell in enumerate(cells, 1):
             key = (cell.cell_id, cell.args_hash)
@@ -335,6 +336,7 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepResult
             _wait(proc, 120)
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         counts = {s: sum(o.status == s for o in result.outcomes) for s in ("FINISHED", "SKIPPED", "FAILED", "KILLED")}
         try:
             client.log_batch(parent_id, metrics=[_metric(f"sweep/runs_{k.lower()}", v) for k, v in counts.items()])
@@ -342,6 +344,10 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepResult
         except Exception as e:  # noqa: BLE001 - the children's results are in MLflow already
             print(f"warning: could not close the parent run {parent_id}: {e}", file=sys.stderr)
     return result
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _metric(key: str, value: float):

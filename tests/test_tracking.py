@@ -115,6 +115,7 @@ def _train(args, launcher, on_line=None):
     return rc, "".join(lines), "".join(err)
 
 
+@pytest.mark.e2e
 def test_two_ranks_server_killed_mid_run_then_resume_same_run(server, tiny_bert, sentiment_files, tmp_path,
                                                               monkeypatch):
     """2 ranks (deepspeed launcher, gloo on CPU): one run, each step logged once (rank 0 only); the server
@@ -164,3 +165,22 @@ def test_two_ranks_server_killed_mid_run_then_resume_same_run(server, tiny_bert,
     assert len(client.search_runs([exp.experiment_id])) == 1
     assert steps(client, run_id, "train/loss") == list(range(1, 11))
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_every_logged_name_is_documented():
+    """docs/tracking.md lists every param, metric and tag name the training logs (names are an API)."""
+    import re
+    from dataclasses import fields
+
+    from infoprompt_ds.config import TrainConfig
+
+    doc = (ROOT / "docs" / "tracking.md").read_text()
+    documented = set(re.findall(r"`([\w./<>-]+)`", doc))
+    params = [f.name for f in fields(TrainConfig)] + ["world_size", "zero_stage", "n_train", "n_validation",
+                                                      "n_test", "total_steps", "trainable_params", "backbone_params"]
+    source = (ROOT / "infoprompt_ds" / "train_loop.py").read_text()
+    metrics = set(re.findall(r'"((?:train|eval|test)/\w+)"', source))
+    metrics |= {f"{split}/{m}" for split in ("eval", "test") for m in ("accuracy", "macro_f1", "mcc")}
+    tags = set(re.findall(r'tags = \{([^}]*)\}', source)[0].replace('"', " ").split()) & {"method", "backbone", "task"}
+    missing = [n for n in params + sorted(metrics) + sorted(tags) if n not in documented]
+    assert not missing, f"not in docs/tracking.md: {missing}"
