@@ -25,4 +25,4 @@ bash "$CLUSTER" up
 
 echo "--- pytest -m slurm"
 export INFOPROMPT_REQUIRE_SLURM=1 SLURM_CLUSTER_SH=$CLUSTER
-python -m pytest -m slurm tests/test_slurm.py -v -rs --durations=10 "$@"
+"${PYTHON:-python3}" -m pytest -m slurm tests/test_slurm.py -v -rs --durations=10 "$@"

@@ -26,7 +26,7 @@
 #   RESUME=requeue       requeue: resume only in a requeued job; auto: also on a fresh submission when
 #                        output_dir holds a checkpoint; never
 #   NET_IFNAME           network interface for gloo/NCCL (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME)
-#   PYTHON=python        interpreter (activate your venv before sbatch, or point PYTHON at it)
+#   PYTHON=python3       interpreter (activate your venv before sbatch, or point PYTHON at it)
 #   LOG_ROOT=slurm/logs  logs go to $LOG_ROOT/<job name>-<job id>/attempt<restart>/<node>-rank<rank>.log
 #   SRUN_ARGS            extra flags for the training srun (e.g. "--cpu-bind=cores")
 #   INFOPROMPT_REPO      the repository, when you submit from another folder (default: the submit dir)
@@ -69,7 +69,7 @@ JOB_NAME=${SLURM_JOB_NAME:-infoprompt}
 RESTART=${SLURM_RESTART_COUNT:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-10}
 RESUME=${RESUME:-requeue}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 BATCH=0; [[ ${ENVIRONMENT:-} == BATCH ]] && BATCH=1   # sbatch sets ENVIRONMENT=BATCH; salloc does not
 LOG_DIR=${LOG_ROOT:-$REPO/slurm/logs}/$JOB_NAME-$JOB_TAG
 if (( BATCH )); then ATTEMPT_DIR=$LOG_DIR/attempt$RESTART; else ATTEMPT_DIR=$LOG_DIR/interactive-$(date +%Y%m%d-%H%M%S); fi
@@ -166,8 +166,9 @@ else
   done
   SRUN_PID=
   # Each rank's own exit code (srun only reports the worst): 0 done, 75 stopped after a checkpoint.
-  # Worst first: a real error code, then "missing" (a rank killed outright), then 75, then 0.
-  ranks_rc=0 err= missing= stopped=
+  # Worst first: a rank's own error code (the root cause), then a rank killed by a signal (srun's
+  # --kill-on-bad-exit ends the others with SIGTERM), then "missing" (killed outright), then 75, then 0.
+  err= killed= missing= stopped=
   for ((r = 0; r < ${SLURM_NTASKS:-1}; r++)); do
     c=$(cat "$ATTEMPT_DIR/rank$r.rc" 2>/dev/null) || c=missing
     (( r < 8 )) && log "rank $r exit code $c"
@@ -175,10 +176,10 @@ else
       0) ;;
       75) stopped=75 ;;
       missing) missing=missing ;;
-      *) err=${err:-$c} ;;
+      *) if (( c > 128 )); then killed=${killed:-$c}; else err=${err:-$c}; fi ;;
     esac
   done
-  ranks_rc=${err:-${missing:-${stopped:-0}}}
+  ranks_rc=${err:-${killed:-${missing:-${stopped:-0}}}}
   log "srun exit code $src"
   # A rank killed by the signal itself (it came before train.py installed its handler) stopped cleanly too.
   if [[ $ranks_rc != 0 && $ranks_rc != 75 && -n $GOT ]] && [[ $ranks_rc == missing || $ranks_rc -gt 128 ]]; then

@@ -142,10 +142,11 @@ def test_requeued_job_that_had_finished_does_nothing(fake_slurm):
 
 
 def test_real_error_is_never_requeued(fake_slurm):
-    for rcs in ("1 1", "75 1", "0 137"):
+    # the job's exit code is the root cause: a rank's own error beats the SIGTERM srun sent the others
+    for rcs, code in (("1 1", 1), ("75 1", 1), ("0 137", 137), ("143 2", 2)):
         p, srun, requeued = fake_slurm(rcs=rcs, ckpt_after="step3")
-        assert p.returncode != 0 and p.returncode != 75 and not requeued, (rcs, p.stdout)
-        assert "not requeued" in p.stdout
+        assert p.returncode == code and not requeued, (rcs, p.stdout)
+        assert f"training failed (rank exit code {code}): not requeued" in p.stdout
 
 
 def test_restarts_are_bounded(fake_slurm):
