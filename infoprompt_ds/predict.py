@@ -20,12 +20,13 @@ import torch
 
 from .checkpoint import load_export
 from .config import ConfigError, TrainConfig
+from .data import encode
 from .model import InfoPromptModel, load_model_config, load_tokenizer, resolve_model_path
 
 
 class Predictor:
-    def __init__(self, model: InfoPromptModel, tokenizer, meta: dict, device: str):
-        self.model, self.tokenizer, self.meta, self.device = model.eval(), tokenizer, meta, device
+    def __init__(self, model: InfoPromptModel, tokenizer, meta: dict, device: str, cfg: TrainConfig):
+        self.model, self.tokenizer, self.meta, self.device, self.cfg = model.eval(), tokenizer, meta, device, cfg
 
     @classmethod
     def load(cls, export_dir: str, model_name_or_path: Optional[str] = None, device: Optional[str] = None):
@@ -34,7 +35,8 @@ class Predictor:
         cfg = TrainConfig(model_name_or_path=model_name_or_path or meta["backbone"],
                           method="probe" if meta["method"] == "probe" else "prompt",
                           n_virtual_tokens=max(1, meta["n_virtual_tokens"]), max_length=meta["max_length"],
-                          pooling=meta["pooling"], k_shot=None)
+                          k_shot=None, task_type=meta.get("task_type", "classification"),
+                          entity_markers=meta.get("entity_markers", ["<e1>", "</e1>", "<e2>", "</e2>"]))
         from transformers import AutoModel
 
         model_config = load_model_config(cfg)
@@ -47,19 +49,31 @@ class Predictor:
             raise ConfigError("export", f"{export_dir} does not match its backbone: missing {missing}, "
                               f"unexpected {unexpected}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model.to(device), load_tokenizer(cfg), meta, device)
+        return cls(model.to(device), load_tokenizer(cfg), meta, device, cfg)
 
     @torch.no_grad()
-    def predict(self, texts: list[str], pairs: Optional[list[str]] = None, batch_size: int = 32) -> list[str]:
-        labels = []
+    def predict(self, texts: list[str], pairs: Optional[list[str]] = None, batch_size: int = 32) -> list:
+        """A label per text; NER: a tag per whitespace-separated word; relation: texts carry the markers."""
+        names, ner = self.meta["labels"], self.cfg.task_type == "ner"
+        out = []
         for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None,
-                                 truncation=True, max_length=self.meta["max_length"], padding=True,
-                                 return_tensors="pt").to(self.device)
-            keys = ("input_ids", "attention_mask", "token_type_ids")
-            logits = self.model(**{k: enc[k] for k in keys if k in enc})["logits"]
-            labels += [self.meta["labels"][j] for j in logits.argmax(-1).tolist()]
-        return labels
+            chunk = [t.split() for t in texts[i:i + batch_size]] if ner else texts[i:i + batch_size]
+            enc = encode(self.tokenizer, self.cfg, chunk, pairs[i:i + batch_size] if pairs else None)
+            word_ids = enc.pop("word_ids", None)
+            batch = self.tokenizer.pad(dict(enc), return_tensors="pt").to(self.device)
+            keys = ("input_ids", "attention_mask", "token_type_ids", "entity_pos")
+            preds = self.model(**{k: batch[k] for k in keys if k in batch})["logits"].argmax(-1).tolist()
+            if not ner:
+                out += [names[j] for j in preds]
+                continue
+            for words, row, tokens in zip(word_ids, preds, chunk):
+                tags, seen = ["O"] * len(tokens), set()  # words cut off by max_length stay O
+                for pos, w in enumerate(words):
+                    if w is not None and w not in seen:
+                        seen.add(w)
+                        tags[w] = names[row[pos]]
+                out.append(tags)
+        return out
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -47,10 +47,16 @@ def setup_environment() -> None:
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint (EX_TEMPFAIL: "try again"):
 # SLURM scripts requeue on it, and `--resume_from_checkpoint latest` continues the same run.
 EXIT_PREEMPTED = 75
+# Exit code of a run stopped after max_nonfinite_steps NaN/inf losses or gradients in a row.
+EXIT_DIVERGED = 3
 
 
 class StopRequested(Exception):
     """Raised after a graceful stop has saved its checkpoint."""
+
+
+class TrainingDiverged(Exception):
+    """max_nonfinite_steps non-finite losses/gradients in a row; nothing was saved after the streak began."""
 
 
 class _StopFlag:
@@ -99,8 +105,17 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
     model_config = load_model_config(cfg)
     check_output_dir(cfg)
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
+    if resume is not None:
+        from .checkpoint import verify_checkpoint_files
+
+        verify_checkpoint_files(resume)  # a tampered pickle is refused here, before anything is created
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
+    from .metrics import check_metric
+
+    problem = check_metric(cfg.task_type, cfg.metric_for_best_model, len(data.label_names))
+    if problem:
+        raise ConfigError("metric_for_best_model", problem)
     micro_per_epoch, total_steps = plan_steps(cfg, len(data.splits["train"]), world)
     ds_config = fill_ds_config(ds_raw, cfg, world, total_steps, model_config.hidden_size)
     return dict(rank=rank, local_rank=local_rank, world=world, model_config=model_config, tokenizer=tokenizer,
@@ -126,7 +141,7 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _model_inputs(batch: dict) -> dict:
-    keys = ("input_ids", "attention_mask", "token_type_ids")
+    keys = ("input_ids", "attention_mask", "token_type_ids", "entity_pos")
     return {k: batch[k] for k in keys if k in batch}
 
 
@@ -177,11 +192,11 @@ def retrace_zero3(engine) -> None:
 
 # --- evaluation ------------------------------------------------------------------------------------
 
-def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, n_labels: int, device) -> dict:
+def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, names: list[str], device) -> dict:
     import torch
     import torch.distributed as dist
 
-    from .metrics import classification_metrics
+    from .metrics import compute_metrics
 
     engine.eval()
     retrace_zero3(engine)
@@ -189,15 +204,20 @@ def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, n_
     with torch.no_grad():
         for idx in _shard_batches(len(split), cfg.per_device_eval_batch_size, world, rank, False, 0, 0):
             batch = _to_device(collate([split[i] for i in idx]), device)
-            logits = engine(**_model_inputs(batch))["logits"]
-            rows += zip(batch["idx"].tolist(), logits.argmax(-1).tolist(), batch["labels"].tolist())
+            preds, labels = engine(**_model_inputs(batch))["logits"].argmax(-1), batch["labels"]
+            if cfg.task_type == "ner":  # one tag per word: the positions the loss does not ignore
+                keep = labels != -100
+                rows += [(i, p[k].tolist(), y[k].tolist())
+                         for i, p, y, k in zip(batch["idx"].tolist(), preds, labels, keep)]
+            else:
+                rows += zip(batch["idx"].tolist(), preds.tolist(), labels.tolist())
     engine.train()
     retrace_zero3(engine)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     by_idx = {i: (p, y) for part in gathered for i, p, y in part}  # drops the sampler's padding duplicates
     preds, labels = zip(*by_idx.values())
-    return classification_metrics(list(preds), list(labels), n_labels)
+    return compute_metrics(cfg.task_type, list(preds), list(labels), names, cfg.no_relation_label, cfg.strict_bio)
 
 
 def compute_unprompted(engine, split, collate, cfg: TrainConfig, world: int, rank: int, device):
@@ -234,7 +254,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
     from tqdm.auto import tqdm
-    from transformers import DataCollatorWithPadding
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
     from .checkpoint import load_checkpoint, save_checkpoint, save_export, write_json_atomic
     from .model import build_model
@@ -269,7 +289,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     (out / "ranks").mkdir(exist_ok=True, parents=True)
     write_json_atomic(out / "ranks" / f"rank{rank}.json", shard)
 
-    collate = DataCollatorWithPadding(ctx["tokenizer"], return_tensors="pt")
+    # NER labels are per token and need padding too (with the loss's ignore index).
+    collate = DataCollatorForTokenClassification(ctx["tokenizer"], return_tensors="pt") if cfg.task_type == "ner" \
+        else DataCollatorWithPadding(ctx["tokenizer"], return_tensors="pt")
     train, val, test = data.splits["train"], data.splits["validation"], data.splits["test"]
 
     client: dict[str, Any] = {}
@@ -299,10 +321,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 "n_virtual_tokens": engine.module.n_virtual_tokens,
                 "pooling": engine.module.pooling, "max_length": cfg.max_length, "method": cfg.method,
                 "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
-                "bottleneck_dim": cfg.bottleneck_dim if engine.module.bottleneck is not None else None}
+                "bottleneck_dim": cfg.bottleneck_dim if engine.module.bottleneck is not None else None,
+                "task_type": cfg.task_type, "entity_markers": cfg.entity_markers}
 
         def eval_and_track(step: int):
-            metrics = evaluate(engine, val, collate, cfg, world, rank, len(data.label_names), device)
+            metrics = evaluate(engine, val, collate, cfg, world, rank, data.label_names, device)
             tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
             value = metrics[cfg.metric_for_best_model]
             if best["metric"] is None or value > best["metric"]:
@@ -317,7 +340,30 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
         def checkpoint(step: int):
             save_checkpoint(engine, cfg.output_dir, step, {"global_step": step, "mlflow_run_id": tracker.run_id,
-                            "best_metric": best["metric"], "best_step": best["step"]}, cfg.save_total_limit, rank)
+                            "best_metric": best["metric"], "best_step": best["step"],
+                            "nonfinite_steps": nonfinite["total"]}, cfg.save_total_limit, rank)
+
+        # Non-finite losses/gradients: counted in total (train/nonfinite_steps) and in a row; only an applied
+        # optimizer update ends a streak. While a streak runs no checkpoint is saved (none could displace the
+        # last good one), and max_nonfinite_steps in a row stop the run (TrainingDiverged, exit code 3).
+        nonfinite = {"total": int(client.get("nonfinite_steps", 0)), "row": 0}
+
+        def count_nonfinite(what: str, step: int):
+            nonfinite["total"] += 1
+            nonfinite["row"] += 1
+            tracker.log_metrics({"train/nonfinite_steps": float(nonfinite["total"])}, step)
+            if rank == 0:
+                tqdm.write(f"[nonfinite] {what} at optimizer step {step}: skipped "
+                           f"({nonfinite['row']} in a row, {nonfinite['total']} in total)")
+            if nonfinite["row"] >= cfg.max_nonfinite_steps:
+                from .checkpoint import checkpoint_root, complete_checkpoints
+
+                done = complete_checkpoints(checkpoint_root(cfg.output_dir))
+                raise TrainingDiverged(
+                    f"training diverged: {nonfinite['row']} non-finite steps in a row (last: {what} at optimizer "
+                    f"step {step}; max_nonfinite_steps={cfg.max_nonfinite_steps}); last good checkpoint: "
+                    f"{done[-1] if done else 'none'}; lower learning_rate or check the data, then resume with "
+                    f"--resume_from_checkpoint latest")
 
         ga = cfg.gradient_accumulation_steps
         epochs_total = total_steps * ga / micro_per_epoch
@@ -344,10 +390,18 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 if z_cache is not None:
                     kwargs["z_unprompted"] = z_cache[batch["idx"]]
             result = engine(**_model_inputs(batch), labels=batch["labels"], **kwargs)
+            micro += 1
+            # A NaN/inf loss on any rank skips this micro-batch on every rank (they must agree, or ZeRO's
+            # collectives would deadlock): no backward, no update; the data stream still moves on.
+            finite = torch.tensor([float(torch.isfinite(result["loss"].detach()).all())])
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item():
+                retrace_zero3(engine)  # this forward had no backward: start a fresh ZeRO-3 fetch trace
+                count_nonfinite(f"loss={result['loss'].item()}", engine.global_steps)
+                continue
             engine.backward(result["loss"])
             before = engine.global_steps
             engine.step()
-            micro += 1
             window += torch.tensor([result["loss"].item(), result["ce"].item(),
                                     *(result[k].item() if k in result else 0.0 for k in ("head", "repr", "kl")),
                                     1, batch["input_ids"].shape[0], batch["attention_mask"].sum().item()],
@@ -355,6 +409,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             if engine.global_steps == before:
                 continue
             step = engine.global_steps
+            if engine.was_step_applied():
+                nonfinite["row"] = 0
+            elif not cfg.fp16:  # fp16: the loss scaler's overflow skips are routine, it handles them itself
+                # DeepSpeed skipped the update: the gradient norm was NaN/inf (the same on every rank).
+                count_nonfinite("gradient norm=inf/nan", step)
             bar.update(1)
             if step % cfg.logging_steps == 0 or step == total_steps:
                 dist.all_reduce(window)  # sums over ranks: global means and global throughput
@@ -372,7 +431,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 t0 = time.perf_counter()
             if step % cfg.eval_steps == 0 or step == total_steps:
                 eval_and_track(step)
-            if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
+            if ((cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps) and not nonfinite["row"]:
                 checkpoint(step)
             # Every rank must agree to stop at the same step, or the checkpoint save would deadlock.
             flag = torch.tensor([stop.signum], dtype=torch.int64)
@@ -393,7 +452,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             from .checkpoint import load_export
 
             set_trainable(engine, load_export(out / "best")[0])
-        test_metrics = evaluate(engine, test, collate, cfg, world, rank, len(data.label_names), device)
+        test_metrics = evaluate(engine, test, collate, cfg, world, rank, data.label_names, device)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, engine.global_steps)
         result = {"global_step": engine.global_steps, "best_step": best["step"],
                   f"best_validation_{cfg.metric_for_best_model}": best["metric"],
