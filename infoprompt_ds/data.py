@@ -237,6 +237,12 @@ def encode(tokenizer, cfg_like, texts: list, pairs: Optional[list] = None) -> di
         enc["word_ids"] = [enc.word_ids(i) for i in range(len(texts))]
         return enc
     enc = tokenizer(texts, pairs, truncation=True, max_length=cfg_like.max_length)
+    for i, ids in enumerate(enc["input_ids"]):
+        if not ids:  # an empty text on a tokenizer that adds no specials: pooling over nothing would be NaN
+            filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+            enc["input_ids"][i], enc["attention_mask"][i] = [filler], [1]
+            if "token_type_ids" in enc:
+                enc["token_type_ids"][i] = [0]
     if cfg_like.task_type == "relation":
         positions = []
         for i, text in enumerate(texts):

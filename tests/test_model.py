@@ -87,3 +87,28 @@ def test_probe_trains_only_the_head(tiny_bert):
     out = model(**batch(tok), labels=torch.tensor([1, 0]))
     plain = model.backbone(**batch(tok)).last_hidden_state[:, 0]
     assert torch.allclose(out["z"], plain, atol=1e-5)  # no prompt in front: the plain representation
+
+
+@pytest.mark.parametrize("model_type, tok_fixture", [
+    ("roberta", "tiny_bert"), ("deberta-v2", "tiny_bert"), ("gpt2", "tiny_llama"), ("qwen2", None)])
+def test_other_backbone_families(request, tmp_path, model_type, tok_fixture):
+    """Any transformers encoder/decoder whose input embeddings we can reach: a tiny random one of each
+    family loads with from_pretrained, pools from the right position, and trains the prompt."""
+    from transformers import AutoModel, AutoTokenizer, Qwen2Tokenizer
+
+    if tok_fixture is None:  # AutoTokenizer maps a qwen2 folder to Qwen2Tokenizer: give it a real one
+        chars = sorted(set("abcdefghijklmnopqrstuvwxyz")) + ["Ġ"]
+        tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(["<|endoftext|>"] + chars)}, merges=[])
+    else:
+        tok = AutoTokenizer.from_pretrained(request.getfixturevalue(tok_fixture))
+    sizes = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=64, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                 num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    config = AutoConfig.for_model(model_type, **sizes)
+    AutoModel.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg, tok, model = make(str(tmp_path))
+    assert model.pooling == ("cls" if model_type in ("roberta", "deberta-v2") else "last")
+    out = model(**batch(tok), labels=torch.tensor([1, 0]), eps_pos=torch.randn(2, 32), eps_neg=torch.randn(2, 4, 32))
+    out["loss"].backward()
+    assert model.prompt.weight.grad.abs().sum() > 0
