@@ -437,9 +437,17 @@ def compare(opts: Options, echo=print) -> Comparison:
     result = Comparison(table=table, significance=sig, excluded=excl, plots=plots, cell_columns=cell_cols,
                         metric=metric)
     if opts.log_to_mlflow:
-        result.run_id = log_comparison(client, exp.experiment_id, opts, metric, out, plots, len(stats_))
+        try:
+            result.run_id = log_comparison(client, exp.experiment_id, opts, metric, out, plots, len(stats_))
+        except Exception as e:  # noqa: BLE001 - the table is printed and saved; say what is missing
+            raise LoggingFailed(f"the comparison is in {out} but could not be logged to MLflow: "
+                                f"{str(e).splitlines()[0][:300]}") from e
         echo(f"logged as run {result.run_id} (tag {COMPARISON_TAG}=comparison) in experiment {opts.experiment!r}")
     return result
+
+
+class LoggingFailed(RuntimeError):
+    """The comparison was computed and saved, but MLflow did not take the comparison run."""
 
 
 def log_comparison(client, exp_id: str, opts: Options, metric: str, out: Path, plots: list[Path], n: int) -> str:
@@ -465,7 +473,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--experiment", required=True, help="MLflow experiment name")
     parser.add_argument("--tracking_uri", default=None,
                         help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
-    parser.add_argument("--metric", default=None, help="accuracy | macro_f1 | mcc (default: the runs' metric_for_best_model)")
+    parser.add_argument("--metric", default=None, help="accuracy, macro_f1, mcc, f1, relation_f1, entity_f1 (default: the runs' metric_for_best_model)")
     parser.add_argument("--target", type=float, default=0.8, help="validation metric value for 'steps to target'")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired test")
     parser.add_argument("--sweep", default=None, help="only the runs of this sweep (tag sweep.name)")
@@ -473,8 +481,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--no_log", action="store_true", help="do not log a comparison run to MLflow")
     args = parser.parse_args(argv)
     try:
-        if args.metric is not None and args.metric not in ("accuracy", "macro_f1", "mcc"):
-            raise ConfigError("metric", f"must be one of accuracy, macro_f1, mcc; got {args.metric!r}")
+        if args.metric is not None and not re.fullmatch(r"\w+", args.metric):
+            raise ConfigError("metric", f"must be a metric name such as accuracy, macro_f1, entity_f1; got {args.metric!r}")
         if not 0 < args.alpha < 1:
             raise ConfigError("alpha", f"must be in (0, 1), got {args.alpha}")
         uri = args.tracking_uri or default_uri()
@@ -486,6 +494,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except LoggingFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -244,6 +244,7 @@ class Tracker:
         self._warned = False
         self._last_try = 0.0
         self._retry_s = float(os.environ.get(ENV_RETRY, 30))
+        self._wait_s = self._retry_s  # grows while the outage lasts: a hung server costs a timeout per try
         self._sampler: Optional[_SystemSampler] = None
 
     # The interface train_loop.py uses: start, log_params, log_metrics, log_artifact, end.
@@ -326,18 +327,23 @@ class Tracker:
         with self._lock:
             self._outbox.append(entry, persist=self._outage)
             now = time.monotonic()
-            if self._outage and not force and now - self._last_try < self._retry_s:
+            if self._outage and not force and now - self._last_try < self._wait_s:
                 return  # the store was down moments ago: do not stall training on every step
             self._last_try = now
             backlog = len(self._outbox.entries)
             if self._outbox.send(self._client_for, self._created, self._warn):
+                self._wait_s = self._retry_s
                 if self._outage:
                     self._outage = False
                     self._outbox.save()  # all sent: removes the file
                     if backlog > 1:
                         print(f"[mlflow] tracking store reachable again: sent {backlog} buffered entries",
                               file=sys.stderr, flush=True)
-            elif not self._outage:
+            elif self._outage:
+                self._wait_s = min(2 * self._wait_s, max(self._retry_s, 300.0))  # up to 5 min between tries
+                if len(self._outbox.entries) < backlog:
+                    self._outbox.save()  # part went through: the file must not send it (or create the run) twice
+            else:
                 self._outage = True
                 self._outbox.save()
                 self._warn(f"MLflow tracking store {self.uri} is unreachable; training continues and tracking "

@@ -95,7 +95,7 @@ def test_sweep_compare_and_rerun(server, tiny_bert, sentiment_files, tmp_path):
     out = tmp_path / "compare"
     r = run_module("infoprompt_ds.compare", ["--experiment", EXPERIMENT, "--tracking_uri", server.uri,
                                              "--sweep", "tiny", "--output_dir", str(out), "--target", "0.5"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     table = [line for line in r.stdout.splitlines() if line.startswith("| infoprompt") or line.startswith("| prompt")]
     assert len(table) == 2 and all("±" in line and "| 2 |" in line for line in table), r.stdout
     assert "infoprompt vs prompt: test accuracy difference" in r.stdout and "over 2 paired seeds" in r.stdout
