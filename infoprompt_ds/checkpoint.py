@@ -68,7 +68,11 @@ def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     path = Path(path)
     if not (path / EXPORT_WEIGHTS).is_file() or not (path / EXPORT_CONFIG).is_file():
         raise ConfigError("export", f"{path} is not an infoprompt export (needs {EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
-    return load_file(str(path / EXPORT_WEIGHTS)), json.loads((path / EXPORT_CONFIG).read_text())
+    try:  # safetensors only: no pickle is ever unpickled from an export
+        return load_file(str(path / EXPORT_WEIGHTS)), json.loads((path / EXPORT_CONFIG).read_text())
+    except Exception as e:  # a truncated/tampered weights file or a broken JSON: one clear line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("export", f"{path} could not be read as an infoprompt export (safetensors + JSON): {msg}")
 
 
 # --- DeepSpeed checkpoints ----------------------------------------------------------------------------
@@ -132,12 +136,54 @@ def save_checkpoint(engine, output_dir: str, step: int, client_state: dict[str, 
         tmp.write_text(tag)
         os.replace(tmp, root / "latest")
         for old in complete_checkpoints(root)[:-keep]:
+            (old / MARKER).unlink(missing_ok=True)  # first: a deletion killed half-way leaves no "complete" folder
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return root / tag
 
 
+# Classes DeepSpeed pickles into its optimizer states: plain data (an int enum, loss-scaler attributes),
+# allowed by name for torch.load(weights_only=True). Anything else in a checkpoint is refused.
+_DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum",
+                           "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                           "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    out = []
+    for name in _DEEPSPEED_SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            pass
+    return out
+
+
+def verify_checkpoint_files(tag_dir: Path) -> None:
+    """DeepSpeed's load_checkpoint calls torch.load(weights_only=False), which runs any code a pickle
+    names. Before a checkpoint is handed to it, every pickle-like file in the folder must load with
+    torch.load(weights_only=True) (tensors, containers, primitives and the few DeepSpeed data classes
+    above): a tampered file is refused with a ConfigError naming it, and its payload never runs."""
+    tag_dir = Path(tag_dir)
+    allowed = _safe_globals()
+    for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = next((line.strip() for line in str(e).splitlines()
+                          if "GLOBAL" in line or "nsupported" in line), "")
+            raise ConfigError("resume_from_checkpoint", f"refusing to load {path}: it is not a plain-tensor "
+                              f"checkpoint file (torch.load weights_only=True failed: "
+                              f"{first or type(e).__name__}); it may have been tampered with")
+
+
 def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
+    verify_checkpoint_files(tag_dir)  # DeepSpeed itself unpickles with weights_only=False
     # load_module_strict=False: the checkpoint holds no frozen weights (exclude_frozen_parameters=True).
     _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=False)
     if client_state is None:

@@ -1,4 +1,10 @@
-"""Console entry points. Bad input ends as one line on stderr and exit code 2, never a traceback."""
+"""Console entry points. Bad input ends as one line on stderr and exit code 2, never a traceback.
+
+Exit codes of `train.py`: 0 finished; 2 bad input (one line `error: <field>: ...`); 3 training diverged
+(max_nonfinite_steps NaN/inf steps in a row, one line `error: training diverged: ...`, the last good
+checkpoint kept); 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (resumable). Anything else is
+a crash (a rank killed, a collective timed out).
+"""
 
 from __future__ import annotations
 
@@ -19,12 +25,16 @@ def train_main(argv=None) -> None:
 
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        from .train_loop import EXIT_PREEMPTED, StopRequested, run
+        from .train_loop import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged, run
 
         try:
             run(cfg)
         except StopRequested:
             sys.exit(EXIT_PREEMPTED)
+        except TrainingDiverged as e:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_DIVERGED)
     except ConfigError as e:
         _fail(e)
 

@@ -168,6 +168,18 @@ class TrainConfig:
             raise ConfigError("k_negatives", f"must be >= 1, got {self.k_negatives}")
         if self.max_steps <= 0 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
             raise ConfigError("num_train_epochs", "must be > 0 when max_steps <= 0")
+        if not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            raise ConfigError("num_train_epochs", f"must be a finite number > 0, got {self.num_train_epochs}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ConfigError("max_grad_norm", f"must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if not (math.isfinite(self.dist_timeout_minutes) and 0 < self.dist_timeout_minutes <= 7 * 24 * 60):
+            raise ConfigError("dist_timeout_minutes", f"must be > 0 and at most a week, got {self.dist_timeout_minutes}")
+        for f in fields(self):  # huge integers overflow torch/numpy/DeepSpeed later, with a traceback
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                lo, hi = (0, 2**32) if f.name in ("seed", "split_seed") else (-(2**31), 2**31)
+                if not lo <= value < hi:
+                    raise ConfigError(f.name, f"{value} is out of range [{lo}, {hi})")
         if not 0 <= self.validation_fraction < 1 or not 0 <= self.test_fraction < 1 \
                 or self.validation_fraction + self.test_fraction >= 1:
             raise ConfigError("validation_fraction", "validation_fraction + test_fraction must be in [0, 1)")
@@ -313,7 +325,7 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
         for key, value in load_config_file(cli.pop("config")).items():
             if key not in _HINTS:
                 raise ConfigError(key, "unknown config key; see --help for the fields")
-            values[key] = value
+            values[key] = _convert(key, value)  # a bad value in the file is an error even if a flag overrides it
     cli.pop("config", None)
     values.update(cli)
     return TrainConfig(**{k: _convert(k, v) for k, v in values.items()})
@@ -333,7 +345,7 @@ def load_ds_config(path: Optional[str]) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ConfigError("deepspeed", f"{path} must hold a JSON object")
     stage = cfg.get("zero_optimization", {}).get("stage", 0) if isinstance(cfg.get("zero_optimization", {}), dict) else None
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
         raise ConfigError("deepspeed", f"zero_optimization.stage must be 0-3 in {path}, got {stage!r}")
     return cfg
 
@@ -383,7 +395,66 @@ def fill_ds_config(ds: dict[str, Any], cfg: TrainConfig, world_size: int, total_
                                   f"set it to \"auto\" or change the config")
 
     walk(out, "")
+    check_ds_config(out)
     return out
+
+
+def check_ds_config(ds: dict[str, Any]) -> None:
+    """What deepspeed.initialize would only find after the process group and the model exist: values of
+    the wrong type, unknown optimizer/scheduler names, and whatever DeepSpeed's own config schema rejects."""
+    def get(path: str):
+        node: Any = ds
+        for key in path.split("."):
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+    for section in ("optimizer", "scheduler", "optimizer.params", "scheduler.params", "bf16", "fp16"):
+        if get(section) is not None and not isinstance(get(section), dict):
+            raise ConfigError("deepspeed", f"{section} must be a JSON object, got {get(section)!r}")
+    for path in ("gradient_clipping", "optimizer.params.lr", "optimizer.params.weight_decay", "optimizer.params.eps",
+                 "scheduler.params.warmup_min_lr", "scheduler.params.warmup_max_lr",
+                 "scheduler.params.warmup_num_steps", "scheduler.params.total_num_steps",
+                 "zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+                 "zero_optimization.stage3_param_persistence_threshold", "train_micro_batch_size_per_gpu",
+                 "gradient_accumulation_steps", "train_batch_size"):
+        value = get(path)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise ConfigError("deepspeed", f"{path} must be a number >= 0, got {value!r}")
+    for path in ("bf16.enabled", "fp16.enabled"):
+        if get(path) is not None and not isinstance(get(path), bool):
+            raise ConfigError("deepspeed", f"{path} must be true or false, got {get(path)!r}")
+    betas = get("optimizer.params.betas")
+    if betas is not None and not (isinstance(betas, list) and len(betas) == 2
+                                  and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
+        raise ConfigError("deepspeed", f"optimizer.params.betas must be a list of 2 numbers, got {betas!r}")
+    import torch
+
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    name = get("optimizer.type")
+    if get("optimizer") is not None and not (isinstance(name, str) and (name.lower() in DEEPSPEED_OPTIMIZERS
+                                                                        or hasattr(torch.optim, name))):
+        raise ConfigError("deepspeed", f"optimizer.type {name!r} is not a DeepSpeed or torch.optim optimizer")
+    name = get("scheduler.type")
+    if get("scheduler") is not None and name not in VALID_LR_SCHEDULES:
+        raise ConfigError("deepspeed", f"scheduler.type {name!r} is not one of {', '.join(VALID_LR_SCHEDULES)}")
+    # DeepSpeed's own schema (pydantic): checked as a one-rank job, since the batch arithmetic (the only
+    # part that depends on the world size) was checked above.
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    one_rank = json.loads(json.dumps(ds))
+    if isinstance(one_rank.get("train_micro_batch_size_per_gpu"), int) \
+            and isinstance(one_rank.get("gradient_accumulation_steps"), int):
+        one_rank["train_batch_size"] = one_rank["train_micro_batch_size_per_gpu"] * one_rank["gradient_accumulation_steps"]
+    try:
+        DeepSpeedConfig(one_rank)
+    except Exception as e:  # pydantic ValidationError, assertion or type errors: keep the lines naming the key
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()][:3]
+        raise ConfigError("deepspeed", " ".join(lines)[:400] or type(e).__name__)
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
