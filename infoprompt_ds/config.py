@@ -127,6 +127,9 @@ class TrainConfig:
         "latest (newest complete checkpoint in output_dir/checkpoints) or a checkpoint folder path.")})
     mlflow_experiment: str = field(default="infoprompt", metadata={"help": "MLflow experiment name."})
     run_name: Optional[str] = field(default=None, metadata={"help": "MLflow run name (default: method-backbone-seed)."})
+    system_metrics: bool = field(default=False, metadata={"help": (
+        "Log system/* metrics (CPU, memory, disk, network, GPU) to MLflow every "
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (default 10).")})
 
     dist_timeout_minutes: float = field(default=30.0, metadata={"help": (
         "Collective timeout: a rank that dies makes the others fail after this long instead of hanging.")})

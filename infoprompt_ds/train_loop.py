@@ -303,7 +303,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     tracker = Tracker(enabled=rank == 0)
     run_name = cfg.run_name or f"{cfg.method}-{Path(cfg.model_name_or_path).name}-seed{cfg.seed}"
     tags = {"method": cfg.method, "backbone": cfg.model_name_or_path, "task": cfg.dataset}
-    tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name, client.get("mlflow_run_id"), tags)
+    tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name, client.get("mlflow_run_id"), tags,
+                  system_metrics=cfg.system_metrics or None)
     status = "FAILED"
     try:
         if not client:
