@@ -360,6 +360,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 from .checkpoint import checkpoint_root, complete_checkpoints
 
                 done = complete_checkpoints(checkpoint_root(cfg.output_dir))
+                bar.close()  # the error line must not land on the progress bar's line
                 raise TrainingDiverged(
                     f"training diverged: {nonfinite['row']} non-finite steps in a row (last: {what} at optimizer "
                     f"step {step}; max_nonfinite_steps={cfg.max_nonfinite_steps}); last good checkpoint: "

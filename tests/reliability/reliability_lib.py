@@ -1,0 +1,106 @@
+"""Helpers of the reliability tests (tests/reliability/): launching and killing real jobs, and recording
+the figures (faults injected / survived, malformed inputs tried / refused) that
+`python tools/reliability_report.py` collects into docs/reliability.md.
+
+A test records figures by appending one JSON line to $INFOPROMPT_RELIABILITY_LOG (nothing when unset)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LOG_ENV = "INFOPROMPT_RELIABILITY_LOG"
+SEED_ENV = "INFOPROMPT_RELIABILITY_SEED"  # the report varies it; the test suite uses the default 0
+
+
+def seed() -> int:
+    return int(os.environ.get(SEED_ENV, "0"))
+
+
+def record(item: str, **figures) -> None:
+    path = os.environ.get(LOG_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"item": item, **figures}) + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a job in its own session (so a test can always clean up all of it), output to `log`."""
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def deepspeed_cmd(args: list[str], nproc: int = 2) -> list[str]:
+    # A free master port: other jobs on the machine (and other tests) may hold the default 29500.
+    return ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), str(ROOT / "train.py"),
+            "--deepspeed", str(ROOT / "ds_configs" / "zero3.json"), *args]
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """Cleanup: end what this test started (its own process group only)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=60)
+
+
+def rank_pids(proc: subprocess.Popen, n: int, timeout: float = 300) -> dict[int, int]:
+    """{local rank: pid} of the training processes under a `deepspeed` launcher (its grandchildren,
+    started with --local_rank=N)."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ranks = {}
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    for arg in child.cmdline():
+                        if arg.startswith("--local_rank="):
+                            ranks[int(arg.split("=", 1)[1])] = child.pid
+                except psutil.Error:
+                    pass
+        except psutil.NoSuchProcess:
+            break
+        if len(ranks) == n:
+            return ranks
+        time.sleep(0.2)
+    raise AssertionError(f"did not find {n} rank processes under pid {proc.pid}")
+
+
+def wait_until(predicate, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.05) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return predicate()
+        time.sleep(poll)
+    return False
+
+
+_NOISE = re.compile(r"Setting accelerator to CPU|^\s*$")
+
+
+def stderr_lines(text: str) -> list[str]:
+    """Meaningful lines of a stderr: split on \\n and \\r (progress bars), noise removed."""
+    return [line.strip() for line in re.split(r"[\r\n]+", text) if not _NOISE.search(line)]
+
+
+def python_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *args]
