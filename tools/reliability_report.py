@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     md += ["", f"**Total: {tried} malformed inputs tried, {refused} refused cleanly.**" if fuzz else
            "(fuzz not run)", "",
            "Kinds generated (hypothesis, derandomized): flags of the wrong type, out of range, NaN/inf, huge "
-           "integers (>= 2**31), unknown options; config files with broken syntax, a non-mapping top level, "
+           "integers (>= 2**32), unknown options; config files with broken syntax, a non-mapping top level, "
            "unknown keys, wrong value types, UTF-16/latin-1 encodings, binary; DeepSpeed jsons with broken "
            "syntax, a non-object, empty, UTF-16/latin-1, invalid ZeRO stage, batch sizes disagreeing with the "
            "config, `auto` where unsupported, wrong types for known keys (clipping, lr, bf16, scheduler, "

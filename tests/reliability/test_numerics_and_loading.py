@@ -152,6 +152,8 @@ def test_documented_mlflow_servers_bind_to_localhost():
     checked, opted_in = 0, []
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         rel = str(doc.relative_to(ROOT))
+        if rel == "docs/reliability.md":  # generated from this test's own findings (it quotes them)
+            continue
         text = doc.read_text()
         for command in _mlflow_commands(text):
             host = re.search(r"(?:--host|-h)[ =](\S+)", command)
