@@ -449,10 +449,15 @@ def check_ds_config(ds: dict[str, Any]) -> None:
     # part that depends on the world size) was checked above.
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    import torch.distributed as dist
+
+    # DeepSpeedConfig reads the world size from torch.distributed once a process group exists.
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     one_rank = json.loads(json.dumps(ds))
     if isinstance(one_rank.get("train_micro_batch_size_per_gpu"), int) \
             and isinstance(one_rank.get("gradient_accumulation_steps"), int):
-        one_rank["train_batch_size"] = one_rank["train_micro_batch_size_per_gpu"] * one_rank["gradient_accumulation_steps"]
+        one_rank["train_batch_size"] = (one_rank["train_micro_batch_size_per_gpu"]
+                                        * one_rank["gradient_accumulation_steps"] * world)
     try:
         DeepSpeedConfig(one_rank)
     except Exception as e:  # pydantic ValidationError, assertion or type errors: keep the lines naming the key

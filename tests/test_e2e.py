@@ -51,8 +51,9 @@ def test_two_rank_zero3_partitions_the_backbone(zero3_run):
 
 
 def test_loss_decreases_and_mlflow_holds_the_run(zero3_run):
-    out, _, _ = zero3_run
+    out, _, proc = zero3_run
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mlflow_run_id"], proc.stdout[-3000:] + proc.stderr[-3000:]
     client = mlflow_client(out)
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -135,6 +136,7 @@ def test_graceful_stop_saves_and_resumes(tmp_path, tiny_bert, sentiment_files):
     os.kill(proc.pid, signal.SIGUSR1)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, log[-3000:]
+    assert (out.parent / "mlflow.db").exists(), log[-3000:]
     assert not (out / "metrics.json").exists()
     ckpts = list((out / "checkpoints").glob("step*"))
     assert len(ckpts) == 1
