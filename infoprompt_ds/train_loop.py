@@ -302,7 +302,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     tracker = Tracker(enabled=rank == 0)
     run_name = cfg.run_name or f"{cfg.method}-{Path(cfg.model_name_or_path).name}-seed{cfg.seed}"
-    tags = {"method": cfg.method, "backbone": cfg.model_name_or_path, "task": cfg.dataset}
+    tags = {"method": cfg.method, "backbone": cfg.model_name_or_path,
+            "task": cfg.task or (Path(cfg.train_file).stem if cfg.train_file else cfg.dataset)}
     tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name, client.get("mlflow_run_id"), tags,
                   system_metrics=cfg.system_metrics or None)
     status = "FAILED"
@@ -431,10 +432,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", samples_s=f"{logs['train/samples_per_s']:.1f}")
                 window.zero_()
                 t0 = time.perf_counter()
+            paused = time.perf_counter()  # throughput counts training only, not eval/checkpoint time
             if step % cfg.eval_steps == 0 or step == total_steps:
                 eval_and_track(step)
             if ((cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps) and not nonfinite["row"]:
                 checkpoint(step)
+            t0 += time.perf_counter() - paused
             # Every rank must agree to stop at the same step, or the checkpoint save would deadlock.
             flag = torch.tensor([stop.signum], dtype=torch.int64)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
