@@ -192,30 +192,37 @@ def retrace_zero3(engine) -> None:
 
 # --- evaluation ------------------------------------------------------------------------------------
 
-def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, names: list[str], device) -> dict:
+def _no_grad_pass(engine, split, collate, cfg: TrainConfig, world: int, rank: int, device, rows_of) -> list:
+    """Run `rows_of(batch)` over every example of `split`, sharded over ranks, in eval mode; return all
+    ranks' rows (all_gather). Every rank runs the same number of batches, as ZeRO-3 requires."""
     import torch
     import torch.distributed as dist
-
-    from .metrics import compute_metrics
 
     engine.eval()
     retrace_zero3(engine)
     rows = []
     with torch.no_grad():
         for idx in _shard_batches(len(split), cfg.per_device_eval_batch_size, world, rank, False, 0, 0):
-            batch = _to_device(collate([split[i] for i in idx]), device)
-            preds, labels = engine(**_model_inputs(batch))["logits"].argmax(-1), batch["labels"]
-            if cfg.task_type == "ner":  # one tag per word: the positions the loss does not ignore
-                keep = labels != -100
-                rows += [(i, p[k].tolist(), y[k].tolist())
-                         for i, p, y, k in zip(batch["idx"].tolist(), preds, labels, keep)]
-            else:
-                rows += zip(batch["idx"].tolist(), preds.tolist(), labels.tolist())
+            rows += rows_of(_to_device(collate([split[i] for i in idx]), device))
     engine.train()
     retrace_zero3(engine)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
-    by_idx = {i: (p, y) for part in gathered for i, p, y in part}  # drops the sampler's padding duplicates
+    return [row for part in gathered for row in part]
+
+
+def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, names: list[str], device) -> dict:
+    from .metrics import compute_metrics
+
+    def rows_of(batch):
+        preds, labels = engine(**_model_inputs(batch))["logits"].argmax(-1), batch["labels"]
+        if cfg.task_type == "ner":  # one tag per word: the positions the loss does not ignore
+            keep = labels != -100
+            return [(i, p[k].tolist(), y[k].tolist()) for i, p, y, k in zip(batch["idx"].tolist(), preds, labels, keep)]
+        return list(zip(batch["idx"].tolist(), preds.tolist(), labels.tolist()))
+
+    rows = _no_grad_pass(engine, split, collate, cfg, world, rank, device, rows_of)
+    by_idx = {i: (p, y) for i, p, y in rows}  # drops the sampler's padding duplicates
     preds, labels = zip(*by_idx.values())
     return compute_metrics(cfg.task_type, list(preds), list(labels), names, cfg.no_relation_label, cfg.strict_bio)
 
@@ -224,23 +231,12 @@ def compute_unprompted(engine, split, collate, cfg: TrainConfig, world: int, ran
     """z(x, no prompt) for every training example, once: the backbone is frozen, so it never changes.
     Each rank computes a shard and all ranks receive all of it."""
     import torch
-    import torch.distributed as dist
 
-    engine.eval()
-    retrace_zero3(engine)
-    rows = []
-    with torch.no_grad():
-        for idx in _shard_batches(len(split), cfg.per_device_eval_batch_size, world, rank, False, 0, 0):
-            batch = _to_device(collate([split[i] for i in idx]), device)
-            z = engine(**_model_inputs(batch), unprompted_only=True)["z"]
-            rows += zip(batch["idx"].tolist(), z.float().cpu())
-    engine.train()
-    retrace_zero3(engine)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, rows)
-    cache = {}
-    for part in gathered:
-        cache.update(part)
+    def rows_of(batch):
+        z = engine(**_model_inputs(batch), unprompted_only=True)["z"]
+        return list(zip(batch["idx"].tolist(), z.float().cpu()))
+
+    cache = dict(_no_grad_pass(engine, split, collate, cfg, world, rank, device, rows_of))
     return torch.stack([cache[i] for i in range(len(split))]).to(device)
 
 
