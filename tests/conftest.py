@@ -17,6 +17,21 @@ POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
 FILLER = "the a movie film plot actor scene story was is very quite this that it and but so".split()
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Each test starts from the same environment. In-process code can change it for good: MLflow's
+    set_tracking_uri() exports MLFLOW_TRACKING_URI, which every later subprocess (training) would
+    inherit, sending its tracking to a server an earlier test has stopped."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._tracking_uri = None  # the in-process default too
+
+
 def make_rows(n_per_class: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
