@@ -336,7 +336,14 @@ def wait_job(slurm_env, name: str, job: str, timeout: float, on_requeued=None) -
                     on_requeued()
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
             if info.get("JobState") in TERMINAL:
-                return info
+                # A job that requeues itself (run.sh: `scontrol requeue`, then exit 75) can show a terminal
+                # state for a moment before slurmctld marks it PENDING again: only a state that holds counts.
+                time.sleep(5)
+                again = job_info(job)
+                if not again or (again[0].get("JobState") == info["JobState"]
+                                 and again[0].get("Restarts") == info.get("Restarts")):
+                    return again[0] if again else info
+                continue
         time.sleep(0.5)
     subprocess.run(["scancel", job], capture_output=True, timeout=30)
     pytest.fail(f"job {job} did not finish in {timeout:.0f}s (last state {info.get('JobState')})\n"
