@@ -334,6 +334,9 @@ def wait_job(slurm_env, name: str, job: str, timeout: float, on_requeued=None) -
                 handled.add(info["Restarts"])
                 if on_requeued:
                     on_requeued()
+                # SLURM revokes the old job credential at the requeue; a start within the same second gets
+                # "Job credential revoked" and the job FAILS. Wait past it, then skip the rest of the delay.
+                time.sleep(3)
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
             if info.get("JobState") in TERMINAL:
                 # A job that requeues itself (run.sh: `scontrol requeue`, then exit 75) can show a terminal
