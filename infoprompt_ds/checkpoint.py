@@ -16,12 +16,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
+from .config import ConfigError, one_line
 
 MARKER = "infoprompt_complete.json"
 EXPORT_WEIGHTS = "infoprompt.safetensors"
@@ -71,8 +71,8 @@ def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     try:  # safetensors only: no pickle is ever unpickled from an export
         return load_file(str(path / EXPORT_WEIGHTS)), json.loads((path / EXPORT_CONFIG).read_text())
     except Exception as e:  # a truncated/tampered weights file or a broken JSON: one clear line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError("export", f"{path} could not be read as an infoprompt export (safetensors + JSON): {msg}")
+        raise ConfigError("export", f"{path} could not be read as an infoprompt export (safetensors + JSON): "
+                          f"{one_line(e)}")
 
 
 # --- DeepSpeed checkpoints ----------------------------------------------------------------------------
@@ -189,7 +189,3 @@ def load_checkpoint(engine, tag_dir: Path) -> dict[str, Any]:
     if client_state is None:
         raise ConfigError("resume_from_checkpoint", f"DeepSpeed could not load {tag_dir}")
     return client_state
-
-
-def read_client_step(tag_dir: Optional[Path]) -> int:
-    return _step(tag_dir) if tag_dir else 0

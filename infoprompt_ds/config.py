@@ -20,6 +20,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line (its first), for error messages that must stay one line."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ConfigError(ValueError):
     """Bad user input. `train.py` prints it as one line and exits with code 2."""
 

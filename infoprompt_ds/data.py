@@ -7,7 +7,6 @@ Task families and their file formats live in tasks.py; this module turns any of 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,7 @@ import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Sequence, load_dataset
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, one_line
 from .tasks import NO_RELATION, PRESETS, normalise_file
 
 LOCAL_FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
@@ -64,10 +63,6 @@ def _default_metric(task_type: str) -> str:
     return {"classification": "accuracy", "relation": "relation_f1", "ner": "entity_f1"}[task_type]
 
 
-def _one_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def _load_local(files: dict[str, str], cfg: TrainConfig) -> DatasetDict:
     """files: split -> (field name, path). Validated, normalised by task type, loaded by `load_dataset`."""
     paths = {}
@@ -88,7 +83,7 @@ def _load_local(files: dict[str, str], cfg: TrainConfig) -> DatasetDict:
         return load_dataset(builder, data_files=paths, **kwargs)
     except Exception as e:  # pyarrow/pandas parse errors: name the file, keep one line
         raise ConfigError(next(iter(files.values()))[0], f"could not read {', '.join(f for _, f in files.values())}: "
-                          f"{_one_line(e)}")
+                          f"{one_line(e)}")
 
 
 def load_raw(cfg: TrainConfig) -> DatasetDict:
@@ -113,7 +108,7 @@ def load_raw(cfg: TrainConfig) -> DatasetDict:
         raw = load_dataset(name, config_name)
     except Exception as e:
         raise ConfigError("dataset", f"could not load {name!r} (not a preset, local file or reachable hub "
-                          f"dataset): {_one_line(e)}")
+                          f"dataset): {one_line(e)}")
     if preset is not None and preset.hub_test_split == "validation" and "validation" in raw:
         # GLUE/SuperGLUE hide test labels: the public validation split serves as test, and validation is
         # carved from train (what few-shot papers do).

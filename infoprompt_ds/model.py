@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from . import mi
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, one_line
 from .prompt import SoftPrompt, head_init, init_values
 
 
@@ -70,8 +70,7 @@ def load_model_config(cfg: TrainConfig):
     try:
         model_config = AutoConfig.from_pretrained(path)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError("model_name_or_path", f"cannot load {cfg.model_name_or_path!r}: {msg}")
+        raise ConfigError("model_name_or_path", f"cannot load {cfg.model_name_or_path!r}: {one_line(e)}")
     max_pos = getattr(model_config, "max_position_embeddings", None)
     n_prompt = 0 if cfg.method == "probe" else cfg.n_virtual_tokens
     if max_pos is not None and n_prompt + cfg.max_length > max_pos:
@@ -191,8 +190,7 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, label_names: list[str
         backbone = AutoModel.from_pretrained(resolve_model_path(cfg.model_name_or_path), config=model_config,
                                              dtype=dtype)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError("model_name_or_path", f"cannot load weights of {cfg.model_name_or_path!r}: {msg}")
+        raise ConfigError("model_name_or_path", f"cannot load weights of {cfg.model_name_or_path!r}: {one_line(e)}")
     pooling = resolve_pooling(cfg.pooling, model_config, resolve_model_path(cfg.model_name_or_path), cfg)
     model = InfoPromptModel(backbone, len(label_names), pooling, cfg)
     words = [cfg.label_words[n] for n in label_names] if cfg.label_words else None

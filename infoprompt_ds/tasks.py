@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -213,13 +213,13 @@ def check_bio(tags: list[str], strict: bool, where: str, field_name: str, labels
 
 def read_conll(path: Path, strict: bool, labels: Optional[list[str]], field_name: str) -> list[dict]:
     """CoNLL columns: a token per line, its tag in the last column; blank lines end sentences."""
-    rows, tokens, tags, start = [], [], [], 1
+    rows, tokens, tags = [], [], []
     for lineno, line in enumerate(_read_lines(path, field_name) + [""], 1):
         cols = line.split()
         if not cols:
             if tokens:
                 rows.append({"tokens": tokens, "tags": tags})
-            tokens, tags, start = [], [], lineno + 1
+            tokens, tags = [], []
             continue
         if cols[0] == "-DOCSTART-":
             continue

@@ -15,7 +15,7 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .config import ConfigError, TrainConfig, config_from_env_rank, fill_ds_config, load_ds_config, zero_stage
 
@@ -70,11 +70,6 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.signum = signum
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def plan_steps(cfg: TrainConfig, n_train: int, world: int) -> tuple[int, int]:
@@ -460,7 +455,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                   "test": test_metrics, "test_weights": "best" if cfg.load_best_model_at_end else "last",
                   "mlflow_run_id": tracker.run_id, "world_size": world}
         if rank == 0:
-            print(f"[test] " + " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()), flush=True)
+            print("[test] " + " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()), flush=True)
             tracker.log_artifact(out / "export", "export")
             write_json_atomic(out / "metrics.json", result)  # last: its presence means "finished"
             tracker.log_artifact(out / "metrics.json")

@@ -3,7 +3,6 @@ left behind that looks like a finished run (no metrics.json, no MLflow run)."""
 
 import json
 
-import pytest
 
 from conftest import run_cli, tiny_args
 
