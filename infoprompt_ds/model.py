@@ -211,5 +211,13 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, label_names: list[str
     return model
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "entity_pos")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys of a tokenized batch that InfoPromptModel.forward takes (labels and idx stay behind)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}

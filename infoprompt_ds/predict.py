@@ -21,7 +21,7 @@ import torch
 from .checkpoint import load_export
 from .config import ConfigError, TrainConfig
 from .data import encode
-from .model import InfoPromptModel, load_model_config, load_tokenizer, resolve_model_path
+from .model import InfoPromptModel, load_model_config, load_tokenizer, model_inputs, resolve_model_path
 
 
 class Predictor:
@@ -61,8 +61,7 @@ class Predictor:
             enc = encode(self.tokenizer, self.cfg, chunk, pairs[i:i + batch_size] if pairs else None)
             word_ids = enc.pop("word_ids", None)
             batch = self.tokenizer.pad(dict(enc), return_tensors="pt").to(self.device)
-            keys = ("input_ids", "attention_mask", "token_type_ids", "entity_pos")
-            preds = self.model(**{k: batch[k] for k in keys if k in batch})["logits"].argmax(-1).tolist()
+            preds = self.model(**model_inputs(batch))["logits"].argmax(-1).tolist()
             if not ner:
                 out += [names[j] for j in preds]
                 continue

@@ -135,11 +135,6 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _model_inputs(batch: dict) -> dict:
-    keys = ("input_ids", "attention_mask", "token_type_ids", "entity_pos")
-    return {k: batch[k] for k in keys if k in batch}
-
-
 def gather_trainable(engine) -> dict[str, Any]:
     """Full fp32 values of the trainable parameters (the optimizer's master copies). Collective."""
     from deepspeed.utils import safe_get_full_fp32_param
@@ -208,9 +203,10 @@ def _no_grad_pass(engine, split, collate, cfg: TrainConfig, world: int, rank: in
 
 def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, names: list[str], device) -> dict:
     from .metrics import compute_metrics
+    from .model import model_inputs
 
     def rows_of(batch):
-        preds, labels = engine(**_model_inputs(batch))["logits"].argmax(-1), batch["labels"]
+        preds, labels = engine(**model_inputs(batch))["logits"].argmax(-1), batch["labels"]
         if cfg.task_type == "ner":  # one tag per word: the positions the loss does not ignore
             keep = labels != -100
             return [(i, p[k].tolist(), y[k].tolist()) for i, p, y, k in zip(batch["idx"].tolist(), preds, labels, keep)]
@@ -227,8 +223,10 @@ def compute_unprompted(engine, split, collate, cfg: TrainConfig, world: int, ran
     Each rank computes a shard and all ranks receive all of it."""
     import torch
 
+    from .model import model_inputs
+
     def rows_of(batch):
-        z = engine(**_model_inputs(batch), unprompted_only=True)["z"]
+        z = engine(**model_inputs(batch), unprompted_only=True)["z"]
         return list(zip(batch["idx"].tolist(), z.float().cpu()))
 
     cache = dict(_no_grad_pass(engine, split, collate, cfg, world, rank, device, rows_of))
@@ -248,7 +246,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
     from .checkpoint import load_checkpoint, save_checkpoint, save_export, write_json_atomic
-    from .model import build_model
+    from .model import build_model, model_inputs
     from .tracking import Tracker
 
     rank, world, data = ctx["rank"], ctx["world"], ctx["data"]
@@ -302,8 +300,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if not client:
             tracker.log_params({**cfg.to_dict(), "world_size": world, "zero_stage": zero_stage(ds_config),
                                 "n_train": len(train), "n_validation": len(val), "n_test": len(test),
-                                "total_steps": total_steps, "trainable_params": sum(p.numel() for p in trainable)
-                                if zero_stage(ds_config) != 3 else sum(p.ds_numel for p in trainable),
+                                "total_steps": total_steps, "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
                                 "backbone_params": shard["backbone_params_total"]})
             tracker.log_artifact(out / "ds_config.json")
         z_cache = None
@@ -383,7 +380,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 kwargs["mi_scale"] = 1.0 - cfg.mi_decay * epoch / epochs_total
                 if z_cache is not None:
                     kwargs["z_unprompted"] = z_cache[batch["idx"]]
-            result = engine(**_model_inputs(batch), labels=batch["labels"], **kwargs)
+            result = engine(**model_inputs(batch), labels=batch["labels"], **kwargs)
             micro += 1
             # A NaN/inf loss on any rank skips this micro-batch on every rank (they must agree, or ZeRO's
             # collectives would deadlock): no backward, no update; the data stream still moves on.
