@@ -30,6 +30,13 @@ def train_main(argv=None) -> None:
         try:
             run(cfg)
         except StopRequested:
+            # Every rank agreed to stop at this step; leave together: a launcher that sees one rank exit
+            # non-zero terminates the others, which must not happen while a peer is still tearing down.
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
             sys.exit(EXIT_PREEMPTED)
         except TrainingDiverged as e:
             if os.environ.get("RANK", "0") == "0":
