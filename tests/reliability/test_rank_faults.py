@@ -29,7 +29,10 @@ from reliability_lib import deepspeed_cmd, kill_session, launch, rank_pids, reco
 
 pytestmark = pytest.mark.reliability
 
-MAX_STEPS, SAVE_STEPS = 16, 2
+# A tiny step takes ~0.1 s, so the run must be long enough that the SIGTERM in B (sent just after the
+# first checkpoint past the resume point) still lands mid-training: with 16 steps a run killed late in A
+# resumed at 12 and could finish before the signal (seen in CI: rc 0 instead of 75).
+MAX_STEPS, SAVE_STEPS = 64, 2
 EXIT_BOUND_S = 300  # 1 min collective timeout + the launcher's 30 s terminate grace + a loaded machine
 
 
@@ -94,14 +97,15 @@ def chain(tmp_path_factory, tiny_bert, sentiment_files):
 
     # B. resume, SIGTERM one rank at a random later step
     resumed_from = facts["a"]["latest_step"]
+    assert resumed_from <= MAX_STEPS // 2, f"A ran to step {resumed_from} before dying: too little left for B"
     proc = launch(deepspeed_cmd(job_args(tiny_bert, sentiment_files, out, exp, resume_from_checkpoint="latest")),
                   work / "b.log")
     try:
         ranks = rank_pids(proc, 2)
         assert wait_until(lambda: checkpoint_step(out) > resumed_from, 600, proc), "no progress after resume"
-        time.sleep(rng.uniform(0, 0.5))
+        time.sleep(rng.uniform(0, 0.3))
         victim = rng.choice([0, 1])
-        sent = proc.poll() is None
+        sent = proc.poll() is None and checkpoint_step(out) < MAX_STEPS - 2
         os.kill(ranks[victim], signal.SIGTERM)
         proc.wait(timeout=EXIT_BOUND_S)
         facts["b"] = {"victim_rank": victim, "signal_sent_while_running": sent, "rc": proc.returncode,
