@@ -216,6 +216,28 @@ class Outbox:
         return True
 
 
+def _open_store(make_client, uri: str):
+    """A client whose store is ready. A new sqlite store is created by alembic migrations, which are not
+    safe to run from two processes at once (parallel runs, or sweep workers, starting together on a fresh
+    `mlflow.db`): the loser fails with "table _alembic_tmp_... already exists" and the half-migrated file
+    stays broken for every later run. So the first touch of a sqlite store is serialised on a lock file
+    beside it (fcntl: one host; a store on a shared filesystem across nodes wants an MLflow server)."""
+    if not uri.startswith("sqlite:///"):
+        return make_client(uri)
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:  # MlflowClient() may build the store itself; the search makes sure it has
+            client = make_client(uri)
+            client.search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
+
+
 def _clients():
     from mlflow import MlflowClient
 
@@ -223,7 +245,7 @@ def _clients():
 
     def get(uri: str):
         if uri not in cache:
-            cache[uri] = MlflowClient(uri)
+            cache[uri] = _open_store(MlflowClient, uri)
         return cache[uri]
 
     return get

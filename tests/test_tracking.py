@@ -187,3 +187,36 @@ def test_every_logged_name_is_documented():
     tags = set(re.findall(r'tags = \{([^}]*)\}', source)[0].replace('"', " ").split()) & {"method", "backbone", "task"}
     missing = [n for n in params + sorted(metrics) + sorted(tags) if n not in documented]
     assert not missing, f"not in docs/tracking.md: {missing}"
+
+
+PARALLEL_RUN = """
+import sys, time
+from infoprompt_ds.tracking import Tracker
+out, start_at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start_at - time.time()))  # all processes touch the fresh store at the same moment
+t = Tracker(enabled=True)
+t.start("parallel", out, out.rsplit("/", 1)[-1], None, {})
+for step in range(1, 4):
+    t.log_metrics({"train/loss": 1.0 / step}, step)
+t.end("FINISHED")
+"""
+
+
+def test_parallel_runs_on_a_fresh_sqlite_store_all_land(tmp_path):
+    """Four runs start at once on a new sqlite store (a study or sweep with parallel jobs): the store's
+    creation must not race (alembic migrations from two processes break the file for good)."""
+    from mlflow import MlflowClient
+
+    n, start_at = 4, time.time() + 8  # past the imports of every process
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # default store: beside the runs
+    procs = [subprocess.Popen([sys.executable, "-c", PARALLEL_RUN, str(tmp_path / f"run{i}"), str(start_at)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(n)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert not any("warning" in log for log in logs), logs  # nothing dropped, nothing buffered
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("parallel").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"run{i}" for i in range(n)]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(steps(client, r.info.run_id, "train/loss") == [1, 2, 3] for r in runs)
