@@ -102,6 +102,11 @@ class TrainConfig:
     cache_unprompted: bool = field(default=True, metadata={"help": (
         "Compute the unprompted representation z(x, no prompt) once per training example before training "
         "(the backbone is frozen, so it never changes) instead of a second forward pass every step.")})
+    unprompted_cache_dir: Optional[str] = field(default=None, metadata={"help": (
+        "Persistent cache of z(x, no prompt) shared across runs (seeds, methods, sweeps), keyed by backbone "
+        "weights and config, tokenizer, max_length, pooling, compute dtype and device type, and per example "
+        "by its token ids; only the misses are computed. Used with cache_unprompted and an estimator "
+        "(method=infoprompt). None keeps it in memory for this run only.")})
 
     # --- optimisation -----------------------------------------------------------------------------
     seed: int = field(default=42, metadata={"help": "Seed of few-shot sampling, prompt init, data order and noise."})
@@ -196,6 +201,15 @@ class TrainConfig:
             raise ConfigError("prompt_init_text", "is required when prompt_init=text")
         if self.prompt_init == "labels" and not self.label_words:
             raise ConfigError("label_words", "is required when prompt_init=labels (e.g. --label_words fresh=good,rotten=bad)")
+        if self.unprompted_cache_dir:
+            # Set without cache_unprompted or an estimator it is simply unused; a file in its place is a typo.
+            try:
+                cache_dir = Path(self.unprompted_cache_dir).expanduser()
+                not_a_dir = cache_dir.exists() and not cache_dir.is_dir()
+            except (OSError, ValueError, RuntimeError) as e:  # NUL byte, name too long, unknown ~user
+                raise ConfigError("unprompted_cache_dir", f"{self.unprompted_cache_dir!r} is not a usable path: {one_line(e)}")
+            if not_a_dir:
+                raise ConfigError("unprompted_cache_dir", f"{self.unprompted_cache_dir} exists and is not a folder")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16", "bf16 and fp16 cannot both be true")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):

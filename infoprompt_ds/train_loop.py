@@ -218,9 +218,11 @@ def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, na
     return compute_metrics(cfg.task_type, list(preds), list(labels), names, cfg.no_relation_label, cfg.strict_bio)
 
 
-def compute_unprompted(engine, split, collate, cfg: TrainConfig, world: int, rank: int, device):
+def compute_unprompted(engine, split, collate, cfg: TrainConfig, world: int, rank: int, device,
+                       tokenizer=None, tracker=None, step: int = 0):
     """z(x, no prompt) for every training example, once: the backbone is frozen, so it never changes.
-    Each rank computes a shard and all ranks receive all of it."""
+    Each rank computes a shard and all ranks receive all of it. With `unprompted_cache_dir`, rows that
+    an earlier run computed for the same backbone key come from the persistent cache instead."""
     import torch
 
     from .model import model_inputs
@@ -229,8 +231,64 @@ def compute_unprompted(engine, split, collate, cfg: TrainConfig, world: int, ran
         z = engine(**model_inputs(batch), unprompted_only=True)["z"]
         return list(zip(batch["idx"].tolist(), z.float().cpu()))
 
+    if cfg.unprompted_cache_dir:
+        return _unprompted_from_cache(engine, split, collate, cfg, world, rank, device, rows_of, tokenizer,
+                                      tracker, step)
     cache = dict(_no_grad_pass(engine, split, collate, cfg, world, rank, device, rows_of))
     return torch.stack([cache[i] for i in range(len(split))]).to(device)
+
+
+def _unprompted_from_cache(engine, split, collate, cfg: TrainConfig, world: int, rank: int, device, rows_of,
+                           tokenizer, tracker, step: int):
+    """Rank 0 reads the cache (other nodes may not share its file system) and sends every rank the hit
+    indices and their rows; all ranks then compute only the misses, sharded as usual, and rank 0 merges
+    them into the cache file. The result is the tensor compute_unprompted returns without a cache."""
+    import torch
+    import torch.distributed as dist
+
+    from . import unprompted_cache as uc
+
+    n, dim = len(split), engine.module.backbone.config.hidden_size
+    tokenizer = tokenizer if tokenizer is not None else getattr(collate, "tokenizer", None)
+    key = path = None
+    hit_idx: list[int] = []
+    if rank == 0:
+        try:
+            fields = uc.key_fields(cfg, engine.module, tokenizer, device.type)
+            key = uc.key_of(fields)
+            path = uc.cache_path(cfg.unprompted_cache_dir, key)
+            ex_keys = [uc.example_key(split[i]) for i in range(n)]
+            stored = uc.load_cache(path, key, dim)
+            hit_idx = [i for i, k in enumerate(ex_keys) if k in stored]
+        except Exception as e:  # rank 0 must still reach the broadcast, or the other ranks would hang
+            uc.warn(f"disabled for this run: {type(e).__name__}: {e}".splitlines()[0])
+            key, hit_idx = None, []
+    agreed = [hit_idx]
+    dist.broadcast_object_list(agreed, src=0)  # every rank must run the same misses (ZeRO-3 collectives)
+    hit_idx = agreed[0]
+    z_hit = torch.empty(len(hit_idx), dim, dtype=torch.float32)
+    if rank == 0 and hit_idx:
+        z_hit = torch.stack([stored[ex_keys[i]] for i in hit_idx]).float()
+    if hit_idx:
+        z_hit = z_hit.to(device)
+        dist.broadcast(z_hit, src=0)
+    z = torch.empty(n, dim, dtype=torch.float32)
+    if hit_idx:
+        z[torch.tensor(hit_idx, dtype=torch.long)] = z_hit.cpu()
+    hits = set(hit_idx)
+    missing = [i for i in range(n) if i not in hits]
+    if missing:  # the same decision on every rank: the hit set was agreed above
+        subset = [split[i] for i in missing]  # each keeps its "idx", the row of the full split
+        for i, row in _no_grad_pass(engine, subset, collate, cfg, world, rank, device, rows_of):
+            z[i] = row
+    if rank == 0 and key is not None:
+        total = uc.save_cache(path, key, fields, {ex_keys[i]: z[i] for i in missing}, dim) if missing else len(stored)
+        print(f"[cache] z(x, no prompt): {len(hit_idx)}/{n} hits from {path} ({len(missing)} computed; "
+              f"the file holds {total} rows)", flush=True)
+        if tracker is not None:
+            tracker.set_tags({"unprompted_cache.key": key})
+            tracker.log_metrics({"train/unprompted_cache_hits": float(len(hit_idx))}, step)
+    return z.to(device)
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -305,7 +363,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             tracker.log_artifact(out / "ds_config.json")
         z_cache = None
         if engine.module.bottleneck is not None and cfg.cache_unprompted:
-            z_cache = compute_unprompted(engine, train, collate, cfg, world, rank, device)
+            z_cache = compute_unprompted(engine, train, collate, cfg, world, rank, device,
+                                         ctx["tokenizer"], tracker, start_step)
 
         meta = {"backbone": cfg.model_name_or_path, "labels": data.label_names,
                 "n_virtual_tokens": engine.module.n_virtual_tokens,
