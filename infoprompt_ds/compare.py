@@ -27,7 +27,8 @@ from .config import ConfigError
 
 # Params that differ between seeds of the same configuration without changing what is compared.
 IGNORED_PARAMS = {"seed", "output_dir", "run_name", "mlflow_experiment", "resume_from_checkpoint",
-                  "overwrite_output_dir", "local_rank", "dist_timeout_minutes"}
+                  "overwrite_output_dir", "local_rank", "dist_timeout_minutes",
+                  "unprompted_cache_dir"}  # where z(x, no prompt) is cached changes no result
 # Params that only the method sets (prompt tuning forces the MI weights to 0 and has no estimators): they
 # are part of a method's arm, not of the cell in which two methods are compared.
 METHOD_PARAMS = {"gamma", "beta", "kl_weight", "k_negatives", "bottleneck_dim", "mi_decay", "cache_unprompted",
