@@ -31,7 +31,7 @@ IGNORED_PARAMS = {"seed", "output_dir", "run_name", "mlflow_experiment", "resume
                   "unprompted_cache_dir"}  # where z(x, no prompt) is cached changes no result
 # Params that only the method sets (prompt tuning forces the MI weights to 0 and has no estimators): they
 # are part of a method's arm, not of the cell in which two methods are compared.
-METHOD_PARAMS = {"gamma", "beta", "kl_weight", "k_negatives", "bottleneck_dim", "mi_decay", "cache_unprompted",
+METHOD_PARAMS = {"gamma", "beta", "kl_weight", "k_negatives", "bottleneck_dim", "mi_decay", "mi_clamp", "cache_unprompted",
                  "trainable_params"}
 LOSS_KEYS = ("train/loss", "train/ce", "train/head", "train/repr", "train/kl")
 COMPARISON_TAG = "infoprompt.role"

@@ -96,6 +96,11 @@ class TrainConfig:
     gamma: float = field(default=0.1, metadata={"help": "Weight of the head loss L_head (InfoNCE on I(P; H))."})
     beta: float = field(default=0.2, metadata={"help": "Weight of the representation loss L_repr (InfoNCE on I(P; Z|X))."})
     kl_weight: float = field(default=0.1, metadata={"help": "Weight of the bottleneck's KL(q(u|z) || N(0, I))."})
+    mi_clamp: float = field(default=2.0, metadata={"help": (
+        "Per-example cap on each InfoNCE loss (the authors' clamp(min=-2) on the log-probability; "
+        "0 = no cap). A capped example passes no gradient, and chance level is log(1 + negatives): "
+        "above 2 from 7 negatives on, so at the default both MI terms can sit at the cap and do nothing "
+        "(train/head = train/repr = 2.0 in the logs).")})
     k_negatives: int = field(default=4, metadata={"help": "Negatives drawn per example from the unprompted posterior."})
     bottleneck_dim: int = field(default=32, metadata={"help": "Size k of the variational bottleneck u."})
     mi_decay: float = field(default=0.0, metadata={"help": "MI terms are scaled by (1 - mi_decay * epoch / epochs)."})
@@ -173,7 +178,7 @@ class TrainConfig:
             raise ConfigError("k_shot", f"must be >= 1 or none, got {self.k_shot}")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
             raise ConfigError("max_eval_samples", f"must be >= 1 or none, got {self.max_eval_samples}")
-        for name in ("gamma", "beta", "kl_weight", "weight_decay", "warmup_ratio", "save_steps", "warmup_steps", "mi_decay"):
+        for name in ("gamma", "beta", "kl_weight", "weight_decay", "warmup_ratio", "save_steps", "warmup_steps", "mi_decay", "mi_clamp"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(name, f"must be a finite number >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):

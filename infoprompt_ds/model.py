@@ -100,6 +100,7 @@ class InfoPromptModel(nn.Module):
         self.pooling = pooling
         self.token_level = cfg.task_type == "ner"  # NER: the head labels every token
         self.gamma, self.beta, self.kl_weight = cfg.gamma, cfg.beta, cfg.kl_weight
+        self.mi_clamp = cfg.mi_clamp or None
         self.n_virtual_tokens = cfg.n_virtual_tokens if self.prompt is not None else 0
 
     def train(self, mode: bool = True):
@@ -160,11 +161,11 @@ class InfoPromptModel(nn.Module):
         loss = ce
         if self.bottleneck is not None:
             # E(x) from the prompted pass is reused for the head loss's negatives: no extra lookup.
-            out["head"] = mi.head_loss(prompt, self.head.weight, embeds, attention_mask)
+            out["head"] = mi.head_loss(prompt, self.head.weight, embeds, attention_mask, self.mi_clamp)
             if z_unprompted is None:
                 z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)
             out["repr"], out["kl"] = mi.repr_loss(self.bottleneck, prompt, z, z_unprompted.to(z.dtype),
-                                                  eps_pos.to(z.dtype), eps_neg.to(z.dtype))
+                                                  eps_pos.to(z.dtype), eps_neg.to(z.dtype), self.mi_clamp)
             loss = loss + mi_scale * (self.gamma * out["head"] + self.beta * out["repr"] + self.kl_weight * out["kl"])
         out["loss"] = loss
         return out

@@ -291,6 +291,16 @@ def _unprompted_from_cache(engine, split, collate, cfg: TrainConfig, world: int,
     return z.to(device)
 
 
+def warn_capped_mi(logs: dict[str, float], cfg: TrainConfig, rank: int, warned: set[str]) -> None:
+    """Say once when an MI term sat at its mi_clamp cap for a whole logging window: every example was
+    capped, so the term passed no gradient (chance level log(1 + negatives) is above 2 from 7 negatives)."""
+    for key, weight in (("train/head", cfg.gamma), ("train/repr", cfg.beta)):
+        if rank == 0 and cfg.mi_clamp and weight and key not in warned and logs.get(key, 0.0) >= cfg.mi_clamp - 1e-6:
+            warned.add(key)
+            print(f"warning: {key} = mi_clamp ({cfg.mi_clamp:g}) for every example of this window: the term "
+                  f"passes no gradient; --mi_clamp 0 removes the cap (docs/benchmarks.md, ablation)", flush=True)
+
+
 # --- the run ------------------------------------------------------------------------------------------
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -396,6 +406,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         # optimizer update ends a streak. While a streak runs no checkpoint is saved (none could displace the
         # last good one), and max_nonfinite_steps in a row stop the run (TrainingDiverged, exit code 3).
         nonfinite = {"total": int(client.get("nonfinite_steps", 0)), "row": 0}
+        warned: set[str] = set()
 
         def count_nonfinite(what: str, step: int):
             nonfinite["total"] += 1
@@ -475,6 +486,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 if engine.module.bottleneck is not None:
                     logs.update({"train/head": window[2] / n, "train/repr": window[3] / n, "train/kl": window[4] / n})
                 logs = {k: float(v) for k, v in logs.items()}
+                warn_capped_mi(logs, cfg, rank, warned)
                 tracker.log_metrics(logs, step)
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", samples_s=f"{logs['train/samples_per_s']:.1f}")
                 window.zero_()

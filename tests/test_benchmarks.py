@@ -84,18 +84,18 @@ def test_bench_peft_smoke(tiny_bert_long, tmp_path):
     assert doc["pairs"][0]["speed_ratio_ours_over_peft"] > 0
 
 
-def test_study_smoke(tiny_bert_long, tmp_path):
+def test_study_smoke(tiny_bert_long, tmp_path, capsys):
     import study
 
     files = {k: write_csv(tmp_path / f"{k}.csv", make_rows(n, s)) for k, n, s in
              (("train", 8, 0), ("validation", 4, 1), ("test", 4, 2))}
-    out = tmp_path / "study.json"
-    study.main(["--datasets", "local", "--backbones", tiny_bert_long, "--seeds", "0", "--methods", "infoprompt,prompt",
-                "--max_steps", "4", "--eval_steps", "2", "--max_eval_samples", "8", "--tag", "smoke",
-                "--work_dir", str(tmp_path / "work"), "--results", str(out),
-                "--set", f"train_file={files['train']}", "--set", f"validation_file={files['validation']}",
-                "--set", f"test_file={files['test']}", "--set", "label_words=pos=good,neg=bad",
-                "--set", "n_virtual_tokens=2", "--set", "max_length=16", "--set", "per_device_train_batch_size=4"])
+    out = tmp_path / "study_smoke.json"
+    common = ["--datasets", "local", "--backbones", tiny_bert_long, "--seeds", "0",
+              "--max_steps", "4", "--eval_steps", "2", "--max_eval_samples", "8", "--work_dir", str(tmp_path / "work"),
+              "--set", f"train_file={files['train']}", "--set", f"validation_file={files['validation']}",
+              "--set", f"test_file={files['test']}", "--set", "label_words=pos=good,neg=bad",
+              "--set", "n_virtual_tokens=2", "--set", "max_length=16", "--set", "per_device_train_batch_size=4"]
+    study.main(common + ["--methods", "infoprompt,prompt", "--tag", "smoke", "--results", str(out)])
     doc = json.loads(out.read_text())
     _meta_ok(doc)
     assert doc["n_finished"] == 2, [r.get("status") for r in doc["runs"]]
@@ -103,6 +103,17 @@ def test_study_smoke(tiny_bert_long, tmp_path):
     assert set(cell["methods"]) == {"infoprompt", "prompt"}
     assert cell["infoprompt_vs_prompt"]["per_seed"][0]["target_val_acc"] is not None
     assert (out.parent / "convergence_smoke.png").is_file()
+
+    # an ablation of InfoPrompt's loss weight, paired by seed with the base grid's prompt tuning run
+    import ablation_table
+
+    study.main(common + ["--methods", "infoprompt", "--set_infoprompt", "gamma=0.5", "--tag", "ablate_g05",
+                         "--results", str(tmp_path / "study_ablate_g05.json")])
+    capsys.readouterr()  # what study printed
+    ablation_table.main(["--results_dir", str(tmp_path), "--base", "smoke", "--k", "64", "--seeds", "0"])
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 4 and table[2].startswith("| defaults") and table[3].startswith("| gamma=0.5 (InfoPrompt only)")
+    assert table[3].split("|")[2].strip() == "1" and table[3].endswith("| smoke |")  # 1 paired seed, base prompt run
 
 
 def test_r8_kshot_file(tmp_path):

@@ -88,3 +88,18 @@ def test_log_sigma_is_clamped():
         bn.log_sigma.bias.fill_(50.0)
     _, ls = bn.posterior(torch.zeros(1, 4))
     assert float(ls.max()) == 10.0
+
+
+def test_capped_examples_pass_no_gradient_and_mi_clamp_0_removes_the_cap():
+    """At chance, InfoNCE is log(1 + M): with M = 20 token negatives every example is above the cap of 2,
+    so the capped head loss gives P no gradient at all (what the study measured); without the cap it does."""
+    torch.manual_seed(0)
+    d, L = 16, 20
+    E = torch.randn(4, L, d)
+    for clamp, expect_grad in ((2.0, False), (None, True), (0, True)):
+        P, H = torch.randn(3, d).mul(0.01).requires_grad_(), torch.randn(2, d).requires_grad_()
+        loss = mi.head_loss(P, H, E, torch.ones(4, L), clamp=clamp)
+        loss.backward()
+        assert (float(loss) == 2.0) != expect_grad  # capped: exactly the cap
+        assert (P.grad.abs().sum() > 0) == expect_grad
+    assert float(mi.head_loss(P, H, E, torch.ones(4, L), clamp=None)) > math.log(L + 1) - 0.5

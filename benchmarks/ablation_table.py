@@ -1,0 +1,77 @@
+"""The ablation table of docs/benchmarks.md (issue 8, item 5), from the study results files.
+
+    python benchmarks/ablation_table.py                      # markdown to stdout
+    python benchmarks/ablation_table.py --base rt_minilm --k 64 --seeds 0,1,2
+
+Each ablation is a `study.py --tag ablate_<name>` run on the same cell (dataset, backbone, k) and seeds as
+the base grid. A row pairs the ablated InfoPrompt with vanilla prompt tuning *of the same seeds*: from the
+ablation's own prompt runs when the ablation changed a shared setting (lr, n, init), else from the base
+grid (the ablation changed only InfoPrompt's loss weights). Differences are per seed, then averaged, so
+the seed-to-seed spread of the k-shot sample cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS  # noqa: E402
+
+
+def by_seed(runs: list[dict], method: str, k: int) -> dict[int, dict]:
+    return {r["seed"]: r for r in runs if r["status"] == "finished" and r["method"] == method and r["k"] == k}
+
+
+def fmt(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.3f} ± {sd:.3f}"
+
+
+def row(name: str, ip: dict[int, dict], pt: dict[int, dict], seeds: list[int], source: str) -> str:
+    seeds = [s for s in seeds if s in ip and s in pt]
+    acc = lambda rs: [rs[s]["test"]["accuracy"] for s in seeds]  # noqa: E731
+    early = lambda rs: [rs[s]["eval_history"][0][1] for s in seeds]  # noqa: E731 - the first evaluation
+    diff = [a - b for a, b in zip(acc(ip), acc(pt))]
+    wins = sum(d > 0 for d in diff)
+    return (f"| {name} | {len(seeds)} | {fmt(acc(ip))} | {fmt(acc(pt))} | {fmt(diff)} ({wins}/{len(seeds)} up) | "
+            f"{fmt(early(ip))} vs {fmt(early(pt))} | {source} |")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="rt_minilm", help="tag of the base grid")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--results_dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = Path(args.results_dir)
+    base_doc = json.loads((results / f"study_{args.base}.json").read_text())
+    base, cell = base_doc["runs"], {k: base_doc["grid"][k] for k in ("datasets", "backbones")}
+    base_pt = by_seed(base, "prompt", args.k)
+    print("| InfoPrompt variant | seeds | InfoPrompt test acc | prompt tuning test acc | paired diff | "
+          "val acc at the first eval (InfoPrompt vs prompt) | prompt runs from |")
+    print("|---|---|---|---|---|---|---|")
+    print(row("defaults (γ=0.1, β=0.2, KL 0.1, n=16, lr 1e-2, vocab init)", by_seed(base, "infoprompt", args.k),
+              base_pt, seeds, args.base))
+    for path in sorted(results.glob("study_ablate_*.json")):
+        data = json.loads(path.read_text())
+        grid = data["grid"]
+        if {k: grid[k] for k in cell} != cell:  # an ablation of another dataset/backbone cell
+            continue
+        extra = [kv for kv in grid["set"] if kv not in base_doc["grid"]["set"]]  # what the ablation changed
+        change = ", ".join(extra + [f"{kv} (InfoPrompt only)" for kv in grid["set_infoprompt"]])
+        runs = data["runs"]
+        own_pt = by_seed(runs, "prompt", args.k)
+        pt, source = (own_pt, path.stem[len("study_"):]) if own_pt else (base_pt, args.base)
+        print(row(change, by_seed(runs, "infoprompt", args.k), pt, seeds, source))
+
+
+if __name__ == "__main__":
+    main()
