@@ -2,6 +2,7 @@
 
     python benchmarks/ablation_table.py                      # markdown to stdout
     python benchmarks/ablation_table.py --base rt_minilm --k 64 --seeds 0,1,2
+    python benchmarks/ablation_table.py --base rt_minilm --k 256 --seeds 0,1,2,3,4 --variants study_rt_minilm_noclamp.json
 
 Each ablation is a `study.py --tag ablate_<name>` run on the same cell (dataset, backbone, k) and seeds as
 the base grid. A row pairs the ablated InfoPrompt with vanilla prompt tuning *of the same seeds*: from the
@@ -49,6 +50,7 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--results_dir", default=str(RESULTS))
+    ap.add_argument("--variants", default="study_ablate_*.json", help="glob of the variants' results files")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = Path(args.results_dir)
@@ -60,7 +62,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     print(row("defaults (γ=0.1, β=0.2, KL 0.1, n=16, lr 1e-2, vocab init)", by_seed(base, "infoprompt", args.k),
               base_pt, seeds, args.base))
-    for path in sorted(results.glob("study_ablate_*.json")):
+    for path in sorted(results.glob(args.variants)):
         data = json.loads(path.read_text())
         grid = data["grid"]
         if {k: grid[k] for k in cell} != cell:  # an ablation of another dataset/backbone cell
@@ -70,6 +72,8 @@ def main(argv=None) -> None:
         runs = data["runs"]
         own_pt = by_seed(runs, "prompt", args.k)
         pt, source = (own_pt, path.stem[len("study_"):]) if own_pt else (base_pt, args.base)
+        if not by_seed(runs, "infoprompt", args.k):
+            continue
         print(row(change, by_seed(runs, "infoprompt", args.k), pt, seeds, source))
 
 
