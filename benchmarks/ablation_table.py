@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS  # noqa: E402
+from study import steps_to_reach  # noqa: E402
 
 
 def by_seed(runs: list[dict], method: str, k: int) -> dict[int, dict]:
@@ -40,8 +41,14 @@ def row(name: str, ip: dict[int, dict], pt: dict[int, dict], seeds: list[int], s
     early = lambda rs: [rs[s]["eval_history"][0][1] for s in seeds]  # noqa: E731 - the first evaluation
     diff = [a - b for a, b in zip(acc(ip), acc(pt))]
     wins = sum(d > 0 for d in diff)
+    # convergence: steps InfoPrompt needs to reach the best validation accuracy prompt tuning reaches
+    reach = [(steps_to_reach(ip[s]["eval_history"], pt[s]["best_validation_accuracy"]),
+              steps_to_reach(pt[s]["eval_history"], pt[s]["best_validation_accuracy"])) for s in seeds]
+    hit = [(a, b) for a, b in reach if a is not None]
+    steps = (f"{len(hit)}/{len(seeds)}" + (f"; {statistics.median(a for a, _ in hit):g} vs {statistics.median(b for _, b in hit):g}"
+                                          if hit else ""))
     return (f"| {name} | {len(seeds)} | {fmt(acc(ip))} | {fmt(acc(pt))} | {fmt(diff)} ({wins}/{len(seeds)} up) | "
-            f"{fmt(early(ip))} vs {fmt(early(pt))} | {source} |")
+            f"{fmt(early(ip))} vs {fmt(early(pt))} | {steps} | {source} |")
 
 
 def main(argv=None) -> None:
@@ -58,8 +65,9 @@ def main(argv=None) -> None:
     base, cell = base_doc["runs"], {k: base_doc["grid"][k] for k in ("datasets", "backbones")}
     base_pt = by_seed(base, "prompt", args.k)
     print("| InfoPrompt variant | seeds | InfoPrompt test acc | prompt tuning test acc | paired diff | "
-          "val acc at the first eval (InfoPrompt vs prompt) | prompt runs from |")
-    print("|---|---|---|---|---|---|---|")
+          "val acc at the first eval (InfoPrompt vs prompt) | reached prompt's best val; median steps (InfoPrompt vs prompt) "
+          "| prompt runs from |")
+    print("|---|---|---|---|---|---|---|---|")
     print(row("defaults (γ=0.1, β=0.2, KL 0.1, n=16, lr 1e-2, vocab init)", by_seed(base, "infoprompt", args.k),
               base_pt, seeds, args.base))
     for path in sorted(results.glob(args.variants)):

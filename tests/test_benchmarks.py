@@ -113,7 +113,7 @@ def test_study_smoke(tiny_bert_long, tmp_path, capsys):
     ablation_table.main(["--results_dir", str(tmp_path), "--base", "smoke", "--k", "64", "--seeds", "0"])
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 4 and table[2].startswith("| defaults") and table[3].startswith("| gamma=0.5 (InfoPrompt only)")
-    assert table[3].split("|")[2].strip() == "1" and table[3].endswith("| smoke |")  # 1 paired seed, base prompt run
+    assert table[3].split("|")[2].strip() == "1" and table[3].endswith("| smoke |") and len(table[3].split("|")) == 10  # 1 paired seed, base prompt run
 
 
 def test_r8_kshot_file(tmp_path):
