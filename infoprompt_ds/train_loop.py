@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, config_from_env_rank, fill_ds_config, load_ds_config, zero_stage
+from .config import ConfigError, TrainConfig, config_from_env_rank, fill_ds_config, load_ds_config, one_line, zero_stage
 
 
 def setup_environment() -> None:
@@ -219,7 +219,7 @@ def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, na
 
 
 def compute_unprompted(engine, split, collate, cfg: TrainConfig, world: int, rank: int, device,
-                       tokenizer=None, tracker=None, step: int = 0):
+                       tokenizer, tracker, step: int):
     """z(x, no prompt) for every training example, once: the backbone is frozen, so it never changes.
     Each rank computes a shard and all ranks receive all of it. With `unprompted_cache_dir`, rows that
     an earlier run computed for the same backbone key come from the persistent cache instead."""
@@ -249,7 +249,6 @@ def _unprompted_from_cache(engine, split, collate, cfg: TrainConfig, world: int,
     from . import unprompted_cache as uc
 
     n, dim = len(split), engine.module.backbone.config.hidden_size
-    tokenizer = tokenizer if tokenizer is not None else getattr(collate, "tokenizer", None)
     key = path = None
     hit_idx: list[int] = []
     if rank == 0:
@@ -261,7 +260,7 @@ def _unprompted_from_cache(engine, split, collate, cfg: TrainConfig, world: int,
             stored = uc.load_cache(path, key, dim)
             hit_idx = [i for i, k in enumerate(ex_keys) if k in stored]
         except Exception as e:  # rank 0 must still reach the broadcast, or the other ranks would hang
-            uc.warn(f"disabled for this run: {type(e).__name__}: {e}".splitlines()[0])
+            uc.warn(f"disabled for this run: {type(e).__name__}: {one_line(e)}")
             key, hit_idx = None, []
     agreed = [hit_idx]
     dist.broadcast_object_list(agreed, src=0)  # every rank must run the same misses (ZeRO-3 collectives)

@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 import torch
 
+from .config import one_line
+
 # Bump when the file layout or what goes into a key changes: old files then simply stop matching.
 FORMAT_VERSION = 1
 KEY_BYTES = 32  # sha256
@@ -156,10 +158,8 @@ def load_cache(path: Path, key: str, dim: int, quiet: bool = False) -> dict[byte
         if z.dtype != torch.float32 or z.dim() != 2 or z.shape != (keys.shape[0], dim):
             raise ValueError(f"z has dtype {z.dtype} and shape {tuple(z.shape)}, expected [{keys.shape[0]}, {dim}]")
     except Exception as e:
-        text = str(e).strip()
         if not quiet:
-            warn(f"ignoring unreadable cache file {path} ({text.splitlines()[0] if text else type(e).__name__}); "
-                 f"it will be rewritten")
+            warn(f"ignoring unreadable cache file {path} ({one_line(e)}); it will be rewritten")
         return {}
     raw = keys.numpy().tobytes()
     return {raw[i * KEY_BYTES:(i + 1) * KEY_BYTES]: z[i] for i in range(len(z))}
@@ -203,6 +203,5 @@ def save_cache(path: Path, key: str, fields: dict[str, Any], rows: dict[bytes, t
     except Exception as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        text = str(e).strip()
-        warn(f"could not write {path} ({text.splitlines()[0] if text else type(e).__name__}); continuing without")
+        warn(f"could not write {path} ({one_line(e)}); continuing without")
         return 0
