@@ -176,7 +176,7 @@ else
       0) ;;
       75) stopped=75 ;;
       missing) missing=missing ;;
-      *) if (( c > 128 )); then killed=${killed:-$c}; else err=${err:-$c}; fi ;;
+      *) if (( c > 128 || c < 0 )); then killed=${killed:-$c}; else err=${err:-$c}; fi ;;  # < 0: python killed by a signal
     esac
   done
   ranks_rc=${err:-${killed:-${missing:-${stopped:-0}}}}
