@@ -110,6 +110,9 @@ def masked_lm_model_types():
 
 
 # --- MLflow ---------------------------------------------------------------------------------------------
+# Also internal, and left in place in tracking.py (its _SystemSampler): SystemMetricsMonitor's
+# sampling_interval, samples_before_logging, collect_metrics, aggregate_metrics, monitors[].clear_metrics.
+# tests/unit/test_internals.py checks those too.
 
 def reset_mlflow_tracking_uri() -> None:
     """Forget an in-process mlflow.set_tracking_uri() (tests): MLflow keeps it in a module global."""

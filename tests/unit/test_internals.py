@@ -94,3 +94,17 @@ def test_mlflow_tracking_uri_global():
         assert utils._tracking_uri is None
     finally:
         utils._tracking_uri = before
+
+
+def test_mlflow_system_metrics_monitor_parts_tracking_samples_with(tmp_path):
+    """tracking._SystemSampler drives MLflow's (internal) SystemMetricsMonitor by hand, so that system/*
+    metrics are buffered like every other metric while the server is away."""
+    pytest.importorskip("psutil")
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id="unused", tracking_uri=f"sqlite:///{tmp_path / 'unused.db'}")
+    assert float(monitor.sampling_interval) > 0 and int(monitor.samples_before_logging) >= 1
+    monitor.collect_metrics()
+    assert isinstance(monitor.aggregate_metrics(), dict)
+    for m in monitor.monitors:
+        m.clear_metrics()
