@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, tiny_args
+from infoprompt_ds.env import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +36,7 @@ def zero3_run(tmp_path_factory, tiny_llama, sentiment_files):
     out = tmp_path_factory.mktemp("e2e") / "full"
     args = ["--deepspeed", str(ROOT / "ds_configs/zero3.json"),
             *tiny_args(tiny_llama, sentiment_files, out, save_steps=6, save_total_limit=3)]
-    proc = run_cli(args, launcher=["deepspeed", "--num_gpus", "2"])
+    proc = run_cli(args, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
     assert_ok(proc)
     return out, args, proc
 
@@ -93,7 +94,7 @@ def test_resume_reproduces_uninterrupted_weights(zero3_run, tmp_path):
     ckpt = out / "checkpoints" / "step6"
     assert ckpt.is_dir()
     new_args = [a if a != str(out) else str(resumed) for a in args] + ["--resume_from_checkpoint", str(ckpt)]
-    proc = run_cli(new_args, launcher=["deepspeed", "--num_gpus", "2"])
+    proc = run_cli(new_args, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
     assert_ok(proc)
     a = load_file(str(out / "export" / "infoprompt.safetensors"))
     b = load_file(str(resumed / "export" / "infoprompt.safetensors"))

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from conftest import FILLER, ROOT, run_cli, tiny_args
+from infoprompt_ds.env import free_port
 
 
 def relation_rows(n, seed):
@@ -85,7 +86,7 @@ def test_ner_two_rank_zero3_and_predict(tmp_path, tiny_bert, task_files):
     out, metrics = run_family(tmp_path, tiny_bert, files["ner"],
                               {"task_type": "ner", "deepspeed": str(ROOT / "ds_configs/zero3.json"),
                                "learning_rate": 0.1, "max_steps": 16},
-                              launcher=["deepspeed", "--num_gpus", "2"])
+                              launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
     assert metrics["world_size"] == 2 and metrics["test"]["entity_f1"] > 0.5
     tags = Predictor.load(str(out / "best")).predict(["the movie good film was"])[0]
     assert len(tags) == 5 and set(tags) <= {"O", "B-per", "I-per"}
