@@ -1,5 +1,5 @@
 #!/bin/bash
-# CI stage "slurm": the SLURM integration tests (tests/test_slurm.py, marker `slurm`) on a real two-node
+# CI stage "slurm": the SLURM integration tests (tests/slurm/test_slurm.py, marker `slurm`) on a real two-node
 # cluster: ../shared/slurm_cluster.sh (relative to the repository root) brings up nodes n1 and n2, the
 # tests submit real jobs to them, and the cluster is brought down again whatever happens.
 #
@@ -25,4 +25,4 @@ bash "$CLUSTER" up
 
 echo "--- pytest -m slurm"
 export INFOPROMPT_REQUIRE_SLURM=1 SLURM_CLUSTER_SH=$CLUSTER
-"${PYTHON:-python3}" -m pytest -m slurm tests/test_slurm.py -v -rs --durations=10 "$@"
+"${PYTHON:-python3}" -m pytest -m slurm tests/slurm/test_slurm.py -v -rs --durations=10 "$@"

@@ -36,9 +36,9 @@ from common import MINILM, RESULTS, ROOT, summarize, write_results  # noqa: E402
 
 
 def peft_worker(args) -> None:
-    from infoprompt_ds.train_loop import setup_environment
+    from infoprompt_ds.env import setup_environment
 
-    setup_environment()
+    setup_environment()  # before torch and DeepSpeed are imported
     import torch
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
     from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
@@ -46,6 +46,7 @@ def peft_worker(args) -> None:
 
     from infoprompt_ds.config import TrainConfig
     from infoprompt_ds.data import prepare_data
+    from infoprompt_ds.internals import full_numel
     from infoprompt_ds.model import load_tokenizer, resolve_model_path
 
     cfg = TrainConfig(model_name_or_path=args.model, method="prompt", n_virtual_tokens=args.n_virtual,
@@ -84,7 +85,7 @@ def peft_worker(args) -> None:
                       callbacks=[Clock()])
     trainer.train()
     steps = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup:]
-    n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
+    n_trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     if int(os.environ.get("RANK", 0)) == 0:
         Path(args.out).write_text(json.dumps({
             "step_s": steps, "samples_per_s": args.batch * int(os.environ.get("WORLD_SIZE", 1)) * len(steps) / sum(steps),

@@ -9,8 +9,8 @@ the measured matmul peak, and scaling (ranks, sequence length, prompt length).
 How it measures. Each cell (model, ranks, ZeRO stage) is one worker process (`python`, or `torchrun
 --nproc_per_node 2` for 2 ranks) that builds the real model with the project's own code
 (infoprompt_ds.model.build_model, DeepSpeed engine from the filled ds_configs/zero{2,3}.json) for every
-variant, then times training steps exactly as train_loop does them (forward with labels, engine.backward,
-engine.step, loss.item()) on one fixed batch (random token ids, no padding: B x L real tokens), with the
+variant, then times the product's own `train_loop.train_step` (noise, forward with labels, the ranks' finiteness
+agreement, engine.backward, engine.step, loss.item()) on one fixed batch (random token ids, no padding: B x L real tokens), with the
 variants INTERLEAVED: block of steps of A, of B, of C, then again in a rotated order, --reps times. So
 the ratios are taken side by side, seconds apart, under the same background load. Reported per variant:
 median step time over all timed steps, and the ratio to vanilla prompt tuning as the median of the
@@ -78,16 +78,18 @@ def _saved_bytes(fn) -> int:
 
 
 def worker(args) -> None:
-    from infoprompt_ds.train_loop import setup_environment
+    from infoprompt_ds.env import setup_environment
 
-    setup_environment()
+    setup_environment()  # before torch and DeepSpeed are imported
     import deepspeed
     import torch
     import torch.distributed as dist
 
     from infoprompt_ds.config import TrainConfig, config_from_env_rank, fill_ds_config, load_ds_config
+    from infoprompt_ds.distributed import backbone_shard_report, retrace_zero3
+    from infoprompt_ds.internals import full_numel
     from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
-    from infoprompt_ds.train_loop import backbone_shard_report, retrace_zero3
+    from infoprompt_ds.train_loop import Run, train_step
 
     rank, local_rank, world = config_from_env_rank()
     on_gpu = torch.cuda.is_available() and not args.cpu
@@ -130,28 +132,19 @@ def worker(args) -> None:
         g = torch.Generator().manual_seed(1234 + rank)
         ids = torch.randint(5, mc.vocab_size - 1, (args.batch, length), generator=g)
         b = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-             "labels": torch.randint(0, 2, (args.batch,), generator=g).to(device)}
+             "labels": torch.randint(0, 2, (args.batch,), generator=g).to(device),
+             "idx": torch.arange(args.batch, device=device)}  # rows of the z cache train_step looks up
         if getattr(mc, "type_vocab_size", 0):
             b["token_type_ids"] = torch.zeros_like(ids).to(device)
         return b
 
-    def step_fn(engine, cfg, batch, variant, z_cache):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        kwargs = {}
-        if variant != "prompt":
-            g = torch.Generator(device=device).manual_seed(7)
-            kwargs["eps_pos"] = torch.randn(args.batch, cfg.bottleneck_dim, generator=g, device=device)
-            kwargs["eps_neg"] = torch.randn(args.batch, cfg.k_negatives, cfg.bottleneck_dim, generator=g, device=device)
-            if variant == "infoprompt":
-                kwargs["z_unprompted"] = z_cache
-
-        def run():
-            out = engine(**inputs, labels=batch["labels"], **kwargs)
-            engine.backward(out["loss"])
-            engine.step()
-            out["loss"].item(), out["ce"].item()
-            return out
-        return run
+    def real_step(engine, cfg, batch, variant, z_cache):
+        """The product's own train_step on a Run that holds only what a step reads."""
+        run = Run(cfg=cfg, rank=rank, world=world, device=device, engine=engine, data=None, collate=None,
+                  tokenizer=None, tracker=None, out=Path(cfg.output_dir), total_steps=100_000, micro_per_epoch=1,
+                  start_step=0, export_meta={}, stop=None, client={},
+                  z_cache=z_cache if variant == "infoprompt" else None)  # nocache: a second forward per step
+        return lambda: train_step(run, batch, 0)
 
     def measure(label: str, mc, engines_by_variant: dict, length: int, n_virtual: int):
         batch = batch_for(mc, length)
@@ -165,7 +158,7 @@ def worker(args) -> None:
                                    if k in batch}, unprompted_only=True)["z"]
             eng_i.train()
             retrace_zero3(eng_i)
-        fns = {v: step_fn(e, c, batch, v, z_cache) for v, (c, e) in engines_by_variant.items()}
+        fns = {v: real_step(e, c, batch, v, z_cache) for v, (c, e) in engines_by_variant.items()}
         order = list(fns)
         times = {v: [] for v in order}
         block = {v: [] for v in order}  # per-repetition medians
@@ -206,16 +199,16 @@ def worker(args) -> None:
                 times[v] += ts
                 block[v].append(med.item())
         backbone = engines_by_variant[order[0]][1].module.backbone
-        n_total = sum(getattr(p, "ds_numel", p.numel()) for p in backbone.parameters())
+        n_total = sum(full_numel(p) for p in backbone.parameters())
         emb = backbone.get_input_embeddings().weight
-        n_emb = getattr(emb, "ds_numel", emb.numel())
+        n_emb = full_numel(emb)
         n_matmul = n_total - n_emb
         tokens = args.batch * (n_virtual + length)
         for v in order:
             eng = engines_by_variant[v][1]
             shard = backbone_shard_report(eng.module, rank, world)
             trainable = [p for p in eng.module.parameters() if p.requires_grad]
-            n_train = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
+            n_train = sum(full_numel(p) for p in trainable)
             step_s = sorted(block[v])[len(block[v]) // 2]
             flops = 4 * n_matmul * tokens
             ratios = [a / b for a, b in zip(block[v], block.get("prompt", block[v]))]

@@ -21,6 +21,9 @@ from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:  # the scripts run from a checkout: use its package
+    sys.path.insert(0, str(ROOT))
+from infoprompt_ds.io import atomic_dir, atomic_file, write_text_atomic  # noqa: E402,F401 (re-exported)
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -117,10 +120,7 @@ def write_results(path: Path, payload: dict[str, Any], command: Optional[list[st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"meta": meta(command), **payload}
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(body, indent=2, default=str) + "\n")
 
 
 def summarize(xs: list[float]) -> dict[str, float]:

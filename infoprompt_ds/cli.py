@@ -1,57 +1,88 @@
 """Console entry points. Bad input ends as one line on stderr and exit code 2, never a traceback.
 
-Exit codes of `train.py`: 0 finished; 2 bad input (one line `error: <field>: ...`); 3 training diverged
-(max_nonfinite_steps NaN/inf steps in a row, one line `error: training diverged: ...`, the last good
-checkpoint kept); 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (resumable). Anything else is
-a crash (a rank killed, a collective timed out).
+    infoprompt train   --deepspeed ds_configs/zero3.json [--key value ...]   (= train.py, infoprompt-train)
+    infoprompt predict --export outputs/run/best --text "..."                (= infoprompt-predict)
+    infoprompt sweep   --config sweeps/rt_64shot.yaml                        (= infoprompt-sweep)
+    infoprompt compare --experiment NAME                                     (= infoprompt-compare)
+    infoprompt mlflow  import OUTPUT_DIR                                     (= infoprompt-mlflow)
+
+Exit codes (infoprompt_ds/errors.py): 0 finished; 2 bad input; 3 training diverged; 75 stopped by
+SIGTERM/SIGUSR1 after saving a checkpoint (resumable). Anything else is a crash.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-EXIT_BAD_INPUT = 2
-
-
-def _fail(e: Exception) -> None:
-    if os.environ.get("RANK", "0") == "0":  # one line for the job, not one per rank
-        print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+from .errors import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged, exit_on_config_error, fail
 
 
 def train_main(argv=None) -> None:
     from .config import ConfigError, parse_config
+    from .env import setup_environment
+
+    cfg = exit_on_config_error(parse_config, sys.argv[1:] if argv is None else argv, rank0_only=True)
+    setup_environment()  # before train_loop imports torch and DeepSpeed
+    from . import train_loop
 
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        from .train_loop import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged, run
-
-        try:
-            run(cfg)
-        except StopRequested:
-            # Every rank agreed to stop at this step; leave together: a launcher that sees one rank exit
-            # non-zero terminates the others, which must not happen while a peer is still tearing down.
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-            sys.exit(EXIT_PREEMPTED)
-        except TrainingDiverged as e:
-            if os.environ.get("RANK", "0") == "0":
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_DIVERGED)
+        train_loop.run(cfg)
     except ConfigError as e:
-        _fail(e)
+        fail(e, rank0_only=True)
+    except StopRequested:
+        # Every rank agreed to stop at this step; leave together: a launcher that sees one rank exit
+        # non-zero terminates the others, which must not happen while a peer is still tearing down.
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        sys.exit(EXIT_PREEMPTED)
+    except TrainingDiverged as e:
+        fail(e, EXIT_DIVERGED, rank0_only=True)
 
 
 def predict_main(argv=None) -> None:
-    from .config import ConfigError
-
-    try:
+    def go():
         from .predict import main
 
         main(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        _fail(e)
+
+    exit_on_config_error(go)
+
+
+def _sweep(argv):
+    from .sweep import main
+
+    main(argv)
+
+
+def _compare(argv):
+    from .compare import main
+
+    main(argv)
+
+
+def _mlflow(argv):
+    from .tracking import main
+
+    main(argv)
+
+
+COMMANDS = {"train": train_main, "predict": predict_main, "sweep": _sweep, "compare": _compare, "mlflow": _mlflow}
+
+
+def main(argv=None) -> None:
+    """`infoprompt <command> [args]`: each command takes the flags of its own entry (`--help` lists them)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            print(__doc__)
+            return
+        fail(f"command: expected one of {', '.join(COMMANDS)} (infoprompt <command> --help), got "
+             f"{argv[0] if argv else 'nothing'!r}")
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -17,13 +17,13 @@ import argparse
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from .config import ConfigError
+from .errors import fail
 
 # Params that differ between seeds of the same configuration without changing what is compared.
 IGNORED_PARAMS = {"seed", "output_dir", "run_name", "mlflow_experiment", "resume_from_checkpoint",
@@ -493,11 +493,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         alpha=args.alpha, sweep=args.sweep, output_dir=Path(args.output_dir) if args.output_dir else None,
                         log_to_mlflow=not args.no_log))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     except LoggingFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(e, 1)
 
 
 if __name__ == "__main__":

@@ -460,8 +460,9 @@ def check_ds_config(ds: dict[str, Any]) -> None:
         raise ConfigError("deepspeed", f"optimizer.params.betas must be a list of 2 numbers, got {betas!r}")
     import torch
 
-    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
-    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+    from .internals import deepspeed_config_class, deepspeed_lr_schedules, deepspeed_optimizer_names
+
+    DEEPSPEED_OPTIMIZERS, VALID_LR_SCHEDULES = deepspeed_optimizer_names(), deepspeed_lr_schedules()
 
     name = get("optimizer.type")
     if get("optimizer") is not None and not (isinstance(name, str) and (name.lower() in DEEPSPEED_OPTIMIZERS
@@ -472,8 +473,6 @@ def check_ds_config(ds: dict[str, Any]) -> None:
         raise ConfigError("deepspeed", f"scheduler.type {name!r} is not one of {', '.join(VALID_LR_SCHEDULES)}")
     # DeepSpeed's own schema (pydantic): checked as a one-rank job, since the batch arithmetic (the only
     # part that depends on the world size) was checked above.
-    from deepspeed.runtime.config import DeepSpeedConfig
-
     import torch.distributed as dist
 
     # DeepSpeedConfig reads the world size from torch.distributed once a process group exists.
@@ -484,7 +483,7 @@ def check_ds_config(ds: dict[str, Any]) -> None:
         one_rank["train_batch_size"] = (one_rank["train_micro_batch_size_per_gpu"]
                                         * one_rank["gradient_accumulation_steps"] * world)
     try:
-        DeepSpeedConfig(one_rank)
+        deepspeed_config_class()(one_rank)
     except Exception as e:  # pydantic ValidationError, assertion or type errors: keep the lines naming the key
         lines = [line.strip() for line in str(e).splitlines() if line.strip()][:3]
         raise ConfigError("deepspeed", " ".join(lines)[:400] or type(e).__name__)

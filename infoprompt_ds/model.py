@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from . import mi
 from .config import ConfigError, TrainConfig, one_line
+from .internals import keep_alive, masked_lm_model_types, zero3_load_context
 from .prompt import SoftPrompt, head_init, init_values
 
 
 def is_encoder(model_config) -> bool:
     """Encoders (BERT, RoBERTa, DeBERTa...) are the models with a masked-LM head; the rest are decoders."""
-    return model_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model_config, "is_decoder", False)
+    return model_config.model_type in masked_lm_model_types() and not getattr(model_config, "is_decoder", False)
 
 
 def resolve_pooling(pooling: str, model_config, model_path: str = "", cfg: Optional[TrainConfig] = None) -> str:
@@ -182,11 +182,7 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, label_names: list[str
                 dtype: torch.dtype, ds_config: Optional[dict] = None) -> InfoPromptModel:
     """from_pretrained (ZeRO-3-partitioned when ds_config says stage 3), then new trainable parts in the
     engine's dtype, initialised from the gathered embedding matrix."""
-    hf_ds = None
-    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained: enables zero.Init
+    hf_ds = zero3_load_context(ds_config)  # must be alive during from_pretrained: enables zero.Init
     try:
         backbone = AutoModel.from_pretrained(resolve_model_path(cfg.model_name_or_path), config=model_config,
                                              dtype=dtype)
@@ -203,8 +199,7 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, label_names: list[str
         if words:
             model.head.weight.copy_(head_init(emb, tokenizer, words))
             model.head.bias.zero_()
-    if hf_ds is not None:
-        model._hf_ds_config = hf_ds  # keep alive as long as the model (transformers holds a weakref)
+    keep_alive(model, hf_ds)  # as long as the model lives (transformers holds a weakref)
     # The new parts were made outside zero.Init: give them the engine's dtype, or bf16 runs fail.
     for part in (model.prompt, model.head, model.bottleneck):
         if part is not None:

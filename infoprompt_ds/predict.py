@@ -96,6 +96,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import predict_main
+    from .errors import exit_on_config_error
 
-    predict_main()
+    exit_on_config_error(main)

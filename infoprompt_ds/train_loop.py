@@ -1,62 +1,52 @@
-"""The DeepSpeed training loop: setup, step, eval, checkpoint, resume. One loop for every task, method
-and launcher (deepspeed, torchrun, srun, plain python).
+"""The DeepSpeed training loop: one loop for every task, method and launcher (deepspeed, torchrun, srun,
+plain python), as plain functions over one `Run`:
+
+    run(cfg) = finish(fit(setup(cfg)))
+    setup(cfg) -> Run         checks (prepare), process group, engine, resume, tracking
+    fit(run)                  the loop: train_step, then log / validate / save / stop on step boundaries
+    train_step(run, batch, micro) -> StepOut    one micro-batch: forward, agree on finiteness, backward, step
+    validate(run, split)      metrics of the current weights on a split (all ranks)
+    save(run, step)           a DeepSpeed checkpoint for exact resume
+    finish(run) -> result     export, test metrics, metrics.json
 
 Data flows one way: config → data → model → loss → engine step → tracking/checkpoint.
+Import this module only after env.setup_environment() ran (it imports torch and DeepSpeed).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import signal
-import socket
 import time
-import warnings
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from .config import ConfigError, TrainConfig, config_from_env_rank, fill_ds_config, load_ds_config, one_line, zero_stage
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from tqdm.auto import tqdm
+from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
+from .checkpoint import (checkpoint_root, complete_checkpoints, load_checkpoint, load_export, resolve_checkpoint,
+                         save_checkpoint, save_export, verify_checkpoint_files)
+from .config import ConfigError, TrainConfig, config_from_env_rank, fill_ds_config, load_ds_config, zero_stage
+from .data import prepare_data
+from .distributed import (all_max_int, all_min, backbone_shard_report, gather_trainable, no_grad_pass,
+                          retrace_zero3, set_trainable, shard_batches, to_device)
+from .env import setup_environment  # noqa: F401  (re-exported: callers that imported it from here)
+from .errors import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged  # noqa: F401 (re-exported)
+from .internals import full_numel
+from .io import write_json_atomic
+from .metrics import check_metric, compute_metrics
+from .model import build_model, load_model_config, load_tokenizer, model_inputs
+from .tracking import Tracker
+from .unprompted_cache import compute_unprompted
 
-def setup_environment() -> None:
-    """Environment defaults that must be in place before torch/deepspeed are imported."""
-    # A plain `python train.py` is a one-rank job: give torch.distributed what a launcher would.
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    os.environ.setdefault("LOCAL_RANK", "0")
-    # The deepspeed launcher does not split the cores between ranks; oversubscribed ranks run 2-3x slower.
-    if "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # torch deprecates the collective names DeepSpeed 0.19 still calls, once per call: pure noise.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
-
-
-# Exit code of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint (EX_TEMPFAIL: "try again"):
-# SLURM scripts requeue on it, and `--resume_from_checkpoint latest` continues the same run.
-EXIT_PREEMPTED = 75
-# Exit code of a run stopped after max_nonfinite_steps NaN/inf losses or gradients in a row.
-EXIT_DIVERGED = 3
-
-
-class StopRequested(Exception):
-    """Raised after a graceful stop has saved its checkpoint."""
-
-
-class TrainingDiverged(Exception):
-    """max_nonfinite_steps non-finite losses/gradients in a row; nothing was saved after the streak began."""
+MI_TERMS = ("head", "repr", "kl")  # the InfoPrompt terms the model returns besides loss and ce
 
 
 class _StopFlag:
@@ -71,6 +61,8 @@ class _StopFlag:
     def _handle(self, signum, frame):
         self.signum = signum
 
+
+# --- checks before anything expensive ------------------------------------------------------------------
 
 def plan_steps(cfg: TrainConfig, n_train: int, world: int) -> tuple[int, int]:
     """(micro-batches per epoch per rank, total optimizer steps)."""
@@ -89,205 +81,267 @@ def check_output_dir(cfg: TrainConfig) -> None:
         raise ConfigError("output_dir", f"{out} exists and is not a folder")
 
 
-def prepare(cfg: TrainConfig) -> dict[str, Any]:
-    """Every check that needs no model weights and no process group: fails in seconds on bad input."""
-    from .checkpoint import resolve_checkpoint
-    from .data import prepare_data
-    from .model import load_model_config, load_tokenizer
+@dataclass
+class Prepared:
+    """What prepare() resolved without weights or a process group."""
+    rank: int
+    local_rank: int
+    world: int
+    model_config: Any
+    tokenizer: Any
+    data: Any  # data.PreparedData: splits + label names
+    micro_per_epoch: int
+    total_steps: int
+    ds_config: dict
+    resume: Optional[Path]
 
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Every check that needs no model weights and no process group: fails in seconds on bad input."""
     rank, local_rank, world = config_from_env_rank()
     ds_raw = load_ds_config(cfg.deepspeed)
     model_config = load_model_config(cfg)
     check_output_dir(cfg)
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
     if resume is not None:
-        from .checkpoint import verify_checkpoint_files
-
         verify_checkpoint_files(resume)  # a tampered pickle is refused here, before anything is created
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
-    from .metrics import check_metric
-
     problem = check_metric(cfg.task_type, cfg.metric_for_best_model, len(data.label_names))
     if problem:
         raise ConfigError("metric_for_best_model", problem)
     micro_per_epoch, total_steps = plan_steps(cfg, len(data.splits["train"]), world)
     ds_config = fill_ds_config(ds_raw, cfg, world, total_steps, model_config.hidden_size)
-    return dict(rank=rank, local_rank=local_rank, world=world, model_config=model_config, tokenizer=tokenizer,
-                data=data, micro_per_epoch=micro_per_epoch, total_steps=total_steps, ds_config=ds_config,
-                resume=resume)
+    return Prepared(rank, local_rank, world, model_config, tokenizer, data, micro_per_epoch, total_steps,
+                    ds_config, resume)
 
 
-# --- distributed helpers --------------------------------------------------------------------------
+# --- the run object --------------------------------------------------------------------------------------
 
-def _shard_batches(n: int, batch_size: int, world: int, rank: int, shuffle: bool, seed: int, epoch: int):
-    """This rank's micro-batches of example indices. DistributedSampler pads every rank to the same
-    count, which ZeRO-3 needs: every rank must run the same number of forward passes."""
-    from torch.utils.data import DistributedSampler
-
-    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
-    sampler.set_epoch(epoch)
-    idx = list(sampler)
-    return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+@dataclass
+class StepOut:
+    """One micro-batch through train_step."""
+    finite: bool            # the loss was finite on every rank; if not: no backward, no update
+    loss: float
+    ce: float
+    terms: dict[str, float]  # MI_TERMS (0.0 when the method has none)
+    examples: int
+    tokens: int             # real (attention-mask) tokens
+    boundary: bool = False  # this micro-batch ended an optimizer step (gradient accumulation boundary)
+    applied: bool = False   # ... and DeepSpeed applied the update (False: its gradient norm was NaN/inf)
 
 
-def gather_trainable(engine) -> dict[str, Any]:
-    """Full fp32 values of the trainable parameters (the optimizer's master copies). Collective."""
-    from deepspeed.utils import safe_get_full_fp32_param
+@dataclass
+class Window:
+    """Sums over the finite micro-batches since the last log line; all-reduced over ranks when logged."""
+    loss: float = 0.0
+    ce: float = 0.0
+    terms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MI_TERMS, 0.0))
+    micro: int = 0
+    examples: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)  # throughput clock (eval/save time excluded)
 
-    out = {}
-    for name, p in engine.module.named_parameters():
-        if p.requires_grad:
-            full = safe_get_full_fp32_param(p)
-            out[name] = (full if full is not None else p.detach()).float().cpu().clone()
-    return out
+    def add(self, out: StepOut) -> None:
+        self.loss += out.loss
+        self.ce += out.ce
+        for k in MI_TERMS:
+            self.terms[k] += out.terms[k]
+        self.micro, self.examples, self.tokens = self.micro + 1, self.examples + out.examples, self.tokens + out.tokens
 
-
-def set_trainable(engine, tensors: dict[str, Any]) -> None:
-    """Write values into the (possibly partitioned) trainable parameters, for evaluation."""
-    import deepspeed
-    import torch
-
-    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
-        for name, p in params.items():
-            p.data.copy_(tensors[name].to(p.dtype))
-
-
-def backbone_shard_report(model, rank: int, world: int) -> dict[str, int]:
-    """How much of the frozen backbone this rank holds: under ZeRO-3 about 1/world of it."""
-    local = total = 0
-    for p in model.backbone.parameters():
-        total += getattr(p, "ds_numel", p.numel())
-        # ZeRO-3 keeps tiny params (below stage3_param_persistence_threshold) whole on every rank.
-        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) else \
-            getattr(p, "ds_numel", p.numel())
-    return {"rank": rank, "world_size": world, "backbone_params_total": total, "backbone_params_local": local}
+    def reduce(self) -> "Window":
+        """Sums over every rank (a collective): global means and global throughput."""
+        t = torch.tensor([self.loss, self.ce, *self.terms.values(), self.micro, self.examples, self.tokens],
+                         dtype=torch.float64)
+        dist.all_reduce(t)
+        loss, ce, *terms, micro, examples, tokens = t.tolist()
+        return Window(loss, ce, dict(zip(MI_TERMS, terms)), micro, examples, tokens, self.started)
 
 
-def retrace_zero3(engine) -> None:
-    """ZeRO-3 records the order in which a forward fetches parameters and replays it as a prefetch
-    schedule. Our passes (train step, eval, unprompted cache) touch different parameters, so a new
-    recording must start when switching between them, or DeepSpeed raises a 'tracing error'.
-    DeepSpeed has no public call for this; the coordinator's own invalidation is what it uses inside."""
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-    coordinator = offload.get_param_coordinator() if offload is not None else None
-    if coordinator is not None and not coordinator.is_invalid_trace():
-        coordinator._invalidate_trace()
+@dataclass
+class Run:
+    """Everything one training run holds: set up once by setup(), read and updated by the functions below."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    engine: Any             # deepspeed.DeepSpeedEngine around model.InfoPromptModel
+    data: Any               # data.PreparedData
+    collate: Any
+    tokenizer: Any
+    tracker: Tracker
+    out: Path
+    total_steps: int
+    micro_per_epoch: int
+    start_step: int
+    export_meta: dict[str, Any]  # what an export records beside its tensors
+    stop: _StopFlag
+    client: dict[str, Any]  # the resumed checkpoint's client state ({} on a fresh run)
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    # Non-finite losses/gradients: counted in total (train/nonfinite_steps) and in a row; only an applied
+    # optimizer update ends a streak. While a streak runs no checkpoint is saved (none could displace the
+    # last good one), and max_nonfinite_steps in a row stop the run (TrainingDiverged, exit code 3).
+    nonfinite_total: int = 0
+    nonfinite_row: int = 0
+    z_cache: Optional[torch.Tensor] = None  # z(x, no prompt) per training example (cache_unprompted)
+    warned: set[str] = field(default_factory=set)
+    params: Optional[dict[str, Any]] = None  # the tracker's run parameters (a fresh run only)
+    bar: Any = None
+    status: str = "FAILED"  # the MLflow run status finish()/run() end with
+
+    @property
+    def step(self) -> int:
+        return self.engine.global_steps
+
+    @property
+    def has_mi(self) -> bool:
+        return self.engine.module.bottleneck is not None
 
 
-# --- evaluation ------------------------------------------------------------------------------------
+def setup(cfg: TrainConfig) -> Run:
+    """Checks first (bad input fails before any process group, weights or output), then the process
+    group, output folder, model + DeepSpeed engine, resume, and the tracking run."""
+    setup_environment()
+    prep = prepare(cfg)
+    accel = get_accelerator()
+    on_gpu = accel.device_name() != "cpu"
+    stop = _StopFlag()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                               timeout=timedelta(minutes=cfg.dist_timeout_minutes))
+    if on_gpu:
+        accel.set_device(prep.local_rank)
+    device = torch.device(accel.device_name(prep.local_rank) if on_gpu else "cpu")
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+    out = Path(cfg.output_dir)
+    if prep.rank == 0:
+        _prepare_output_dir(cfg, out, prep.ds_config)
 
-def _no_grad_pass(engine, split, collate, cfg: TrainConfig, world: int, rank: int, device, rows_of) -> list:
-    """Run `rows_of(batch)` over every example of `split`, sharded over ranks, in eval mode; return all
-    ranks' rows (all_gather). Every rank runs the same number of batches, as ZeRO-3 requires."""
-    import torch
-    import torch.distributed as dist
+    torch.manual_seed(cfg.seed)  # head/estimator init: the same on every rank
+    model = build_model(cfg, prep.model_config, prep.tokenizer, prep.data.label_names, dtype, prep.ds_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=prep.ds_config)
+    shard = backbone_shard_report(engine.module, prep.rank, prep.world)
+    (out / "ranks").mkdir(exist_ok=True, parents=True)
+    write_json_atomic(out / "ranks" / f"rank{prep.rank}.json", shard)
 
-    engine.eval()
-    retrace_zero3(engine)
-    rows = []
-    with torch.no_grad():
-        for idx in _shard_batches(len(split), cfg.per_device_eval_batch_size, world, rank, False, 0, 0):
-            rows += rows_of(_to_device(collate([split[i] for i in idx]), device))
-    engine.train()
-    retrace_zero3(engine)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part]
-
-
-def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, names: list[str], device) -> dict:
-    from .metrics import compute_metrics
-    from .model import model_inputs
-
-    def rows_of(batch):
-        preds, labels = engine(**model_inputs(batch))["logits"].argmax(-1), batch["labels"]
-        if cfg.task_type == "ner":  # one tag per word: the positions the loss does not ignore
-            keep = labels != -100
-            return [(i, p[k].tolist(), y[k].tolist()) for i, p, y, k in zip(batch["idx"].tolist(), preds, labels, keep)]
-        return list(zip(batch["idx"].tolist(), preds.tolist(), labels.tolist()))
-
-    rows = _no_grad_pass(engine, split, collate, cfg, world, rank, device, rows_of)
-    by_idx = {i: (p, y) for i, p, y in rows}  # drops the sampler's padding duplicates
-    preds, labels = zip(*by_idx.values())
-    return compute_metrics(cfg.task_type, list(preds), list(labels), names, cfg.no_relation_label, cfg.strict_bio)
-
-
-def compute_unprompted(engine, split, collate, cfg: TrainConfig, world: int, rank: int, device,
-                       tokenizer, tracker, step: int):
-    """z(x, no prompt) for every training example, once: the backbone is frozen, so it never changes.
-    Each rank computes a shard and all ranks receive all of it. With `unprompted_cache_dir`, rows that
-    an earlier run computed for the same backbone key come from the persistent cache instead."""
-    import torch
-
-    from .model import model_inputs
-
-    def rows_of(batch):
-        z = engine(**model_inputs(batch), unprompted_only=True)["z"]
-        return list(zip(batch["idx"].tolist(), z.float().cpu()))
-
-    if cfg.unprompted_cache_dir:
-        return _unprompted_from_cache(engine, split, collate, cfg, world, rank, device, rows_of, tokenizer,
-                                      tracker, step)
-    cache = dict(_no_grad_pass(engine, split, collate, cfg, world, rank, device, rows_of))
-    return torch.stack([cache[i] for i in range(len(split))]).to(device)
+    # NER labels are per token and need padding too (with the loss's ignore index).
+    collate = DataCollatorForTokenClassification(prep.tokenizer, return_tensors="pt") if cfg.task_type == "ner" \
+        else DataCollatorWithPadding(prep.tokenizer, return_tensors="pt")
+    client = load_checkpoint(engine, prep.resume) if prep.resume is not None else {}
+    tracker = Tracker(enabled=prep.rank == 0)
+    run_name = cfg.run_name or f"{cfg.method}-{Path(cfg.model_name_or_path).name}-seed{cfg.seed}"
+    tags = {"method": cfg.method, "backbone": cfg.model_name_or_path,
+            "task": cfg.task or (Path(cfg.train_file).stem if cfg.train_file else cfg.dataset)}
+    tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name, client.get("mlflow_run_id"), tags,
+                  system_metrics=cfg.system_metrics or None)
+    meta = {"backbone": cfg.model_name_or_path, "labels": prep.data.label_names,
+            "n_virtual_tokens": engine.module.n_virtual_tokens,
+            "pooling": engine.module.pooling, "max_length": cfg.max_length, "method": cfg.method,
+            "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
+            "bottleneck_dim": cfg.bottleneck_dim if engine.module.bottleneck is not None else None,
+            "task_type": cfg.task_type, "entity_markers": cfg.entity_markers}
+    run = Run(cfg, prep.rank, prep.world, device, engine, prep.data, collate, prep.tokenizer, tracker, out,
+              prep.total_steps, prep.micro_per_epoch, int(client.get("global_step", 0)), meta, stop, client,
+              best_metric=client.get("best_metric"), best_step=client.get("best_step"),
+              nonfinite_total=int(client.get("nonfinite_steps", 0)))
+    if not client:  # a resumed run logged its parameters when it started
+        train, val, test = (prep.data.splits[k] for k in ("train", "validation", "test"))
+        run.params = {**cfg.to_dict(), "world_size": prep.world, "zero_stage": zero_stage(prep.ds_config),
+                      "n_train": len(train), "n_validation": len(val), "n_test": len(test),
+                      "total_steps": prep.total_steps, "trainable_params": sum(full_numel(p) for p in trainable),
+                      "backbone_params": shard["backbone_params_total"]}
+    return run
 
 
-def _unprompted_from_cache(engine, split, collate, cfg: TrainConfig, world: int, rank: int, device, rows_of,
-                           tokenizer, tracker, step: int):
-    """Rank 0 reads the cache (other nodes may not share its file system) and sends every rank the hit
-    indices and their rows; all ranks then compute only the misses, sharded as usual, and rank 0 merges
-    them into the cache file. The result is the tensor compute_unprompted returns without a cache."""
-    import torch
-    import torch.distributed as dist
+def _prepare_output_dir(cfg: TrainConfig, out: Path, ds_config: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+        for stale in ("metrics.json", "export", "best"):
+            shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+    write_json_atomic(out / "config.json", cfg.to_dict())
+    write_json_atomic(out / "ds_config.json", ds_config)
 
-    from . import unprompted_cache as uc
 
-    n, dim = len(split), engine.module.backbone.config.hidden_size
-    key = path = None
-    hit_idx: list[int] = []
-    if rank == 0:
-        try:
-            fields = uc.key_fields(cfg, engine.module, tokenizer, device.type)
-            key = uc.key_of(fields)
-            path = uc.cache_path(cfg.unprompted_cache_dir, key)
-            ex_keys = [uc.example_key(split[i]) for i in range(n)]
-            stored = uc.load_cache(path, key, dim)
-            hit_idx = [i for i, k in enumerate(ex_keys) if k in stored]
-        except Exception as e:  # rank 0 must still reach the broadcast, or the other ranks would hang
-            uc.warn(f"disabled for this run: {type(e).__name__}: {one_line(e)}")
-            key, hit_idx = None, []
-    agreed = [hit_idx]
-    dist.broadcast_object_list(agreed, src=0)  # every rank must run the same misses (ZeRO-3 collectives)
-    hit_idx = agreed[0]
-    z_hit = torch.empty(len(hit_idx), dim, dtype=torch.float32)
-    if rank == 0 and hit_idx:
-        z_hit = torch.stack([stored[ex_keys[i]] for i in hit_idx]).float()
-    if hit_idx:
-        z_hit = z_hit.to(device)
-        dist.broadcast(z_hit, src=0)
-    z = torch.empty(n, dim, dtype=torch.float32)
-    if hit_idx:
-        z[torch.tensor(hit_idx, dtype=torch.long)] = z_hit.cpu()
-    hits = set(hit_idx)
-    missing = [i for i in range(n) if i not in hits]
-    if missing:  # the same decision on every rank: the hit set was agreed above
-        subset = [split[i] for i in missing]  # each keeps its "idx", the row of the full split
-        for i, row in _no_grad_pass(engine, subset, collate, cfg, world, rank, device, rows_of):
-            z[i] = row
-    if rank == 0 and key is not None:
-        total = uc.save_cache(path, key, fields, {ex_keys[i]: z[i] for i in missing}, dim) if missing else len(stored)
-        print(f"[cache] z(x, no prompt): {len(hit_idx)}/{n} hits from {path} ({len(missing)} computed; "
-              f"the file holds {total} rows)", flush=True)
-        if tracker is not None:
-            tracker.set_tags({"unprompted_cache.key": key})
-            tracker.log_metrics({"train/unprompted_cache_hits": float(len(hit_idx))}, step)
-    return z.to(device)
+# --- one step ------------------------------------------------------------------------------------------
+
+def batch_at(run: Run, micro: int, cache: dict[int, list]) -> dict:
+    """The micro-batch number `micro` of this rank: the data stream is a pure function of it (exact resume)."""
+    epoch, pos = divmod(micro, run.micro_per_epoch)
+    if epoch not in cache:
+        cache.clear()
+        cache[epoch] = shard_batches(len(run.data.splits["train"]), run.cfg.per_device_train_batch_size, run.world,
+                                     run.rank, True, run.cfg.seed, epoch)
+    train = run.data.splits["train"]
+    return to_device(run.collate([train[i] for i in cache[epoch][pos]]), run.device)
+
+
+def mi_inputs(run: Run, batch: dict, micro: int) -> dict[str, Any]:
+    """The InfoPrompt terms' extra inputs: noise, the decaying MI weight, cached z(x, no prompt)."""
+    if not run.has_mi:
+        return {}
+    cfg = run.cfg
+    # Noise from a generator keyed by (seed, micro-step, rank): the same after a resume.
+    gen = torch.Generator(device=run.device).manual_seed(cfg.seed * 1_000_003 + micro * run.world + run.rank)
+    b = batch["input_ids"].shape[0]
+    epochs_total = run.total_steps * cfg.gradient_accumulation_steps / run.micro_per_epoch
+    kwargs = {"eps_pos": torch.randn(b, cfg.bottleneck_dim, generator=gen, device=run.device),
+              "eps_neg": torch.randn(b, cfg.k_negatives, cfg.bottleneck_dim, generator=gen, device=run.device),
+              "mi_scale": 1.0 - cfg.mi_decay * (micro // run.micro_per_epoch) / epochs_total}
+    if run.z_cache is not None:
+        kwargs["z_unprompted"] = run.z_cache[batch["idx"]]
+    return kwargs
+
+
+def train_step(run: Run, batch: dict, micro: int) -> StepOut:
+    """Forward one micro-batch (number `micro`), then backward + engine.step() unless the loss is NaN/inf
+    on any rank: then every rank skips it (they must agree, or ZeRO's collectives would deadlock)."""
+    engine = run.engine
+    result = engine(**model_inputs(batch), labels=batch["labels"], **mi_inputs(run, batch, micro))
+    if not all_min(bool(torch.isfinite(result["loss"].detach()).all())):
+        retrace_zero3(engine)  # this forward had no backward: start a fresh ZeRO-3 fetch trace
+        return StepOut(False, result["loss"].item(), float("nan"), dict.fromkeys(MI_TERMS, 0.0), 0, 0)
+    engine.backward(result["loss"])
+    before = engine.global_steps
+    engine.step()
+    boundary = engine.global_steps != before
+    return StepOut(True, result["loss"].item(), result["ce"].item(),
+                   {k: result[k].item() if k in result else 0.0 for k in MI_TERMS},
+                   batch["input_ids"].shape[0], int(batch["attention_mask"].sum().item()),
+                   boundary=boundary, applied=boundary and engine.was_step_applied())
+
+
+def count_nonfinite(run: Run, what: str, step: int) -> None:
+    run.nonfinite_total += 1
+    run.nonfinite_row += 1
+    run.tracker.log_metrics({"train/nonfinite_steps": float(run.nonfinite_total)}, step)
+    if run.rank == 0:
+        tqdm.write(f"[nonfinite] {what} at optimizer step {step}: skipped "
+                   f"({run.nonfinite_row} in a row, {run.nonfinite_total} in total)")
+    if run.nonfinite_row >= run.cfg.max_nonfinite_steps:
+        done = complete_checkpoints(checkpoint_root(run.cfg.output_dir))
+        if run.bar is not None:
+            run.bar.close()  # the error line must not land on the progress bar's line
+        raise TrainingDiverged(
+            f"training diverged: {run.nonfinite_row} non-finite steps in a row (last: {what} at optimizer "
+            f"step {step}; max_nonfinite_steps={run.cfg.max_nonfinite_steps}); last good checkpoint: "
+            f"{done[-1] if done else 'none'}; lower learning_rate or check the data, then resume with "
+            f"--resume_from_checkpoint latest")
+
+
+def log_window(run: Run, window: Window, micro: int) -> None:
+    """Global means of the window over ranks and micro-batches, and throughput; one line to the tracker."""
+    w = window.reduce()
+    elapsed = time.perf_counter() - w.started
+    logs = {"train/loss": w.loss / w.micro, "train/ce": w.ce / w.micro, "train/lr": run.engine.get_lr()[0],
+            "train/samples_per_s": w.examples / elapsed, "train/tokens_per_s": w.tokens / elapsed,
+            "train/epoch": micro / run.micro_per_epoch}
+    if run.has_mi:
+        logs.update({f"train/{k}": w.terms[k] / w.micro for k in MI_TERMS})
+    logs = {k: float(v) for k, v in logs.items()}
+    warn_capped_mi(logs, run.cfg, run.rank, run.warned)
+    run.tracker.log_metrics(logs, run.step)
+    run.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", samples_s=f"{logs['train/samples_per_s']:.1f}")
 
 
 def warn_capped_mi(logs: dict[str, float], cfg: TrainConfig, rank: int, warned: set[str]) -> None:
@@ -300,236 +354,139 @@ def warn_capped_mi(logs: dict[str, float], cfg: TrainConfig, rank: int, warned: 
                   f"passes no gradient; --mi_clamp 0 removes the cap (docs/benchmarks.md, ablation)", flush=True)
 
 
-# --- the run ------------------------------------------------------------------------------------------
+# --- evaluation and checkpoints ------------------------------------------------------------------------------
+
+def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, names: list[str], device) -> dict:
+    def rows_of(batch):
+        preds, labels = engine(**model_inputs(batch))["logits"].argmax(-1), batch["labels"]
+        if cfg.task_type == "ner":  # one tag per word: the positions the loss does not ignore
+            keep = labels != -100
+            return [(i, p[k].tolist(), y[k].tolist()) for i, p, y, k in zip(batch["idx"].tolist(), preds, labels, keep)]
+        return list(zip(batch["idx"].tolist(), preds.tolist(), labels.tolist()))
+
+    rows = no_grad_pass(engine, split, collate, cfg.per_device_eval_batch_size, world, rank, device, rows_of)
+    by_idx = {i: (p, y) for i, p, y in rows}  # drops the sampler's padding duplicates
+    preds, labels = zip(*by_idx.values())
+    return compute_metrics(cfg.task_type, list(preds), list(labels), names, cfg.no_relation_label, cfg.strict_bio)
+
+
+def validate(run: Run, split: str = "validation") -> dict[str, float]:
+    """Metrics of the current weights on a split. Collective."""
+    return evaluate(run.engine, run.data.splits[split], run.collate, run.cfg, run.world, run.rank,
+                    run.data.label_names, run.device)
+
+
+def validate_and_track(run: Run, step: int) -> dict[str, float]:
+    """Validation metrics to the tracker; a new best is exported to output_dir/best."""
+    cfg = run.cfg
+    metrics = validate(run, "validation")
+    run.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
+    value = metrics[cfg.metric_for_best_model]
+    if run.best_metric is None or value > run.best_metric:
+        run.best_metric, run.best_step = value, step
+        tensors = gather_trainable(run.engine)
+        if run.rank == 0:
+            save_export(run.out / "best", tensors, {**run.export_meta, "step": step, cfg.metric_for_best_model: value})
+    if run.rank == 0:
+        tqdm.write(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                   + f" (best {cfg.metric_for_best_model}={run.best_metric:.4f} @ {run.best_step})")
+    return metrics
+
+
+def save(run: Run, step: int) -> None:
+    """A DeepSpeed checkpoint of step `step` (collective); its client state is what a resume restores."""
+    save_checkpoint(run.engine, run.cfg.output_dir, step, {
+        "global_step": step, "mlflow_run_id": run.tracker.run_id, "best_metric": run.best_metric,
+        "best_step": run.best_step, "nonfinite_steps": run.nonfinite_total}, run.cfg.save_total_limit, run.rank)
+
+
+def stop_if_asked(run: Run, step: int) -> None:
+    """Every rank must agree to stop at the same step, or the checkpoint save would deadlock."""
+    signum = all_max_int(run.stop.signum)
+    if signum and step < run.total_steps:
+        if not (run.cfg.save_steps and step % run.cfg.save_steps == 0):
+            save(run, step)
+        if run.rank == 0:
+            tqdm.write(f"[stop] signal {signum} at step {step}: checkpoint saved, exiting "
+                       f"with code {EXIT_PREEMPTED}; resume with --resume_from_checkpoint latest")
+        raise StopRequested()
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+def fit(run: Run) -> Run:
+    cfg, engine = run.cfg, run.engine
+    if run.params is not None:
+        run.tracker.log_params(run.params)
+        run.tracker.log_artifact(run.out / "ds_config.json")
+    if run.has_mi and cfg.cache_unprompted:
+        run.z_cache = compute_unprompted(engine, run.data.splits["train"], run.collate, cfg, run.world, run.rank,
+                                         run.device, run.tokenizer, run.tracker, run.start_step)
+    micro = run.start_step * cfg.gradient_accumulation_steps  # micro-batches consumed so far
+    window, epoch_cache = Window(), {}
+    run.bar = tqdm(total=run.total_steps, initial=run.start_step, disable=run.rank != 0, desc="train",
+                   dynamic_ncols=True)
+    engine.train()
+    while run.step < run.total_steps:
+        out = train_step(run, batch_at(run, micro, epoch_cache), micro)
+        micro += 1  # a skipped micro-batch still moves the data stream on
+        if not out.finite:
+            count_nonfinite(run, f"loss={out.loss}", run.step)
+            continue
+        window.add(out)
+        if not out.boundary:
+            continue
+        step = run.step
+        if out.applied:
+            run.nonfinite_row = 0
+        elif not cfg.fp16:  # fp16: the loss scaler's overflow skips are routine, it handles them itself
+            count_nonfinite(run, "gradient norm=inf/nan", step)  # DeepSpeed skipped the update
+        run.bar.update(1)
+        if step % cfg.logging_steps == 0 or step == run.total_steps:
+            log_window(run, window, micro)
+            window = Window()
+        paused = time.perf_counter()  # throughput counts training only, not eval/checkpoint time
+        if step % cfg.eval_steps == 0 or step == run.total_steps:
+            validate_and_track(run, step)
+        if ((cfg.save_steps and step % cfg.save_steps == 0) or step == run.total_steps) and not run.nonfinite_row:
+            save(run, step)
+        window.started += time.perf_counter() - paused
+        stop_if_asked(run, step)
+    run.bar.close()
+    return run
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Export the last weights, evaluate on test (the best weights if load_best_model_at_end), and write
+    metrics.json last: its presence means "finished"."""
+    cfg, out = run.cfg, run.out
+    final = gather_trainable(run.engine)
+    if run.rank == 0:
+        save_export(out / "export", final, {**run.export_meta, "step": run.step})
+    if cfg.load_best_model_at_end and run.best_step is not None and (out / "best").is_dir():
+        set_trainable(run.engine, load_export(out / "best")[0])
+    test_metrics = validate(run, "test")
+    run.tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, run.step)
+    result = {"global_step": run.step, "best_step": run.best_step,
+              f"best_validation_{cfg.metric_for_best_model}": run.best_metric,
+              "test": test_metrics, "test_weights": "best" if cfg.load_best_model_at_end else "last",
+              "mlflow_run_id": run.tracker.run_id, "world_size": run.world}
+    if run.rank == 0:
+        print("[test] " + " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()), flush=True)
+        run.tracker.log_artifact(out / "export", "export")
+        write_json_atomic(out / "metrics.json", result)
+        run.tracker.log_artifact(out / "metrics.json")
+    run.status = "FINISHED"
+    return result
+
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    setup_environment()
-    ctx = prepare(cfg)  # bad input fails here, before any process group, weights or output
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-    from tqdm.auto import tqdm
-    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
-
-    from .checkpoint import load_checkpoint, save_checkpoint, save_export, write_json_atomic
-    from .model import build_model, model_inputs
-    from .tracking import Tracker
-
-    rank, world, data = ctx["rank"], ctx["world"], ctx["data"]
-    ds_config, total_steps, micro_per_epoch = ctx["ds_config"], ctx["total_steps"], ctx["micro_per_epoch"]
-    accel = get_accelerator()
-    on_gpu = accel.device_name() != "cpu"
-    stop = _StopFlag()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
-                               timeout=timedelta(minutes=cfg.dist_timeout_minutes))
-    if on_gpu:
-        accel.set_device(ctx["local_rank"])
-    device = torch.device(accel.device_name(ctx["local_rank"]) if on_gpu else "cpu")
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
-
-    out = Path(cfg.output_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-            for stale in ("metrics.json", "export", "best"):
-                shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
-        write_json_atomic(out / "config.json", cfg.to_dict())
-        write_json_atomic(out / "ds_config.json", ds_config)
-
-    torch.manual_seed(cfg.seed)  # head/estimator init: the same on every rank
-    model = build_model(cfg, ctx["model_config"], ctx["tokenizer"], data.label_names, dtype, ds_config)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-    shard = backbone_shard_report(engine.module, rank, world)
-    (out / "ranks").mkdir(exist_ok=True, parents=True)
-    write_json_atomic(out / "ranks" / f"rank{rank}.json", shard)
-
-    # NER labels are per token and need padding too (with the loss's ignore index).
-    collate = DataCollatorForTokenClassification(ctx["tokenizer"], return_tensors="pt") if cfg.task_type == "ner" \
-        else DataCollatorWithPadding(ctx["tokenizer"], return_tensors="pt")
-    train, val, test = data.splits["train"], data.splits["validation"], data.splits["test"]
-
-    client: dict[str, Any] = {}
-    if ctx["resume"] is not None:
-        client = load_checkpoint(engine, ctx["resume"])
-    start_step = int(client.get("global_step", 0))
-    best = {"metric": client.get("best_metric"), "step": client.get("best_step")}
-
-    tracker = Tracker(enabled=rank == 0)
-    run_name = cfg.run_name or f"{cfg.method}-{Path(cfg.model_name_or_path).name}-seed{cfg.seed}"
-    tags = {"method": cfg.method, "backbone": cfg.model_name_or_path,
-            "task": cfg.task or (Path(cfg.train_file).stem if cfg.train_file else cfg.dataset)}
-    tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name, client.get("mlflow_run_id"), tags,
-                  system_metrics=cfg.system_metrics or None)
-    status = "FAILED"
+    """The whole training: setup -> fit -> finish; the tracking run ends with the outcome's status."""
+    r = setup(cfg)
     try:
-        if not client:
-            tracker.log_params({**cfg.to_dict(), "world_size": world, "zero_stage": zero_stage(ds_config),
-                                "n_train": len(train), "n_validation": len(val), "n_test": len(test),
-                                "total_steps": total_steps, "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
-                                "backbone_params": shard["backbone_params_total"]})
-            tracker.log_artifact(out / "ds_config.json")
-        z_cache = None
-        if engine.module.bottleneck is not None and cfg.cache_unprompted:
-            z_cache = compute_unprompted(engine, train, collate, cfg, world, rank, device,
-                                         ctx["tokenizer"], tracker, start_step)
-
-        meta = {"backbone": cfg.model_name_or_path, "labels": data.label_names,
-                "n_virtual_tokens": engine.module.n_virtual_tokens,
-                "pooling": engine.module.pooling, "max_length": cfg.max_length, "method": cfg.method,
-                "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
-                "bottleneck_dim": cfg.bottleneck_dim if engine.module.bottleneck is not None else None,
-                "task_type": cfg.task_type, "entity_markers": cfg.entity_markers}
-
-        def eval_and_track(step: int):
-            metrics = evaluate(engine, val, collate, cfg, world, rank, data.label_names, device)
-            tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
-            value = metrics[cfg.metric_for_best_model]
-            if best["metric"] is None or value > best["metric"]:
-                best.update(metric=value, step=step)
-                tensors = gather_trainable(engine)
-                if rank == 0:
-                    save_export(out / "best", tensors, {**meta, "step": step, cfg.metric_for_best_model: value})
-            if rank == 0:
-                tqdm.write(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                           + f" (best {cfg.metric_for_best_model}={best['metric']:.4f} @ {best['step']})")
-            return metrics
-
-        def checkpoint(step: int):
-            save_checkpoint(engine, cfg.output_dir, step, {"global_step": step, "mlflow_run_id": tracker.run_id,
-                            "best_metric": best["metric"], "best_step": best["step"],
-                            "nonfinite_steps": nonfinite["total"]}, cfg.save_total_limit, rank)
-
-        # Non-finite losses/gradients: counted in total (train/nonfinite_steps) and in a row; only an applied
-        # optimizer update ends a streak. While a streak runs no checkpoint is saved (none could displace the
-        # last good one), and max_nonfinite_steps in a row stop the run (TrainingDiverged, exit code 3).
-        nonfinite = {"total": int(client.get("nonfinite_steps", 0)), "row": 0}
-        warned: set[str] = set()
-
-        def count_nonfinite(what: str, step: int):
-            nonfinite["total"] += 1
-            nonfinite["row"] += 1
-            tracker.log_metrics({"train/nonfinite_steps": float(nonfinite["total"])}, step)
-            if rank == 0:
-                tqdm.write(f"[nonfinite] {what} at optimizer step {step}: skipped "
-                           f"({nonfinite['row']} in a row, {nonfinite['total']} in total)")
-            if nonfinite["row"] >= cfg.max_nonfinite_steps:
-                from .checkpoint import checkpoint_root, complete_checkpoints
-
-                done = complete_checkpoints(checkpoint_root(cfg.output_dir))
-                bar.close()  # the error line must not land on the progress bar's line
-                raise TrainingDiverged(
-                    f"training diverged: {nonfinite['row']} non-finite steps in a row (last: {what} at optimizer "
-                    f"step {step}; max_nonfinite_steps={cfg.max_nonfinite_steps}); last good checkpoint: "
-                    f"{done[-1] if done else 'none'}; lower learning_rate or check the data, then resume with "
-                    f"--resume_from_checkpoint latest")
-
-        ga = cfg.gradient_accumulation_steps
-        epochs_total = total_steps * ga / micro_per_epoch
-        micro = start_step * ga  # the data stream is a pure function of the micro-step: exact resume
-        window = torch.zeros(8, dtype=torch.float64)  # loss, ce, head, repr, kl, n, samples, tokens
-        t0 = time.perf_counter()
-        bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="train", dynamic_ncols=True)
-        epoch_cache: dict[int, list] = {}
-        engine.train()
-        while engine.global_steps < total_steps:
-            epoch, pos = divmod(micro, micro_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache = {epoch: _shard_batches(len(train), cfg.per_device_train_batch_size, world, rank,
-                                                     True, cfg.seed, epoch)}
-            batch = _to_device(collate([train[i] for i in epoch_cache[epoch][pos]]), device)
-            kwargs = {}
-            if engine.module.bottleneck is not None:
-                # Noise from a generator keyed by (seed, micro-step, rank): the same after a resume.
-                gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + micro * world + rank)
-                b = batch["input_ids"].shape[0]
-                kwargs["eps_pos"] = torch.randn(b, cfg.bottleneck_dim, generator=gen, device=device)
-                kwargs["eps_neg"] = torch.randn(b, cfg.k_negatives, cfg.bottleneck_dim, generator=gen, device=device)
-                kwargs["mi_scale"] = 1.0 - cfg.mi_decay * epoch / epochs_total
-                if z_cache is not None:
-                    kwargs["z_unprompted"] = z_cache[batch["idx"]]
-            result = engine(**model_inputs(batch), labels=batch["labels"], **kwargs)
-            micro += 1
-            # A NaN/inf loss on any rank skips this micro-batch on every rank (they must agree, or ZeRO's
-            # collectives would deadlock): no backward, no update; the data stream still moves on.
-            finite = torch.tensor([float(torch.isfinite(result["loss"].detach()).all())])
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not finite.item():
-                retrace_zero3(engine)  # this forward had no backward: start a fresh ZeRO-3 fetch trace
-                count_nonfinite(f"loss={result['loss'].item()}", engine.global_steps)
-                continue
-            engine.backward(result["loss"])
-            before = engine.global_steps
-            engine.step()
-            window += torch.tensor([result["loss"].item(), result["ce"].item(),
-                                    *(result[k].item() if k in result else 0.0 for k in ("head", "repr", "kl")),
-                                    1, batch["input_ids"].shape[0], batch["attention_mask"].sum().item()],
-                                   dtype=torch.float64)
-            if engine.global_steps == before:
-                continue
-            step = engine.global_steps
-            if engine.was_step_applied():
-                nonfinite["row"] = 0
-            elif not cfg.fp16:  # fp16: the loss scaler's overflow skips are routine, it handles them itself
-                # DeepSpeed skipped the update: the gradient norm was NaN/inf (the same on every rank).
-                count_nonfinite("gradient norm=inf/nan", step)
-            bar.update(1)
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                dist.all_reduce(window)  # sums over ranks: global means and global throughput
-                elapsed = time.perf_counter() - t0
-                n = window[5].item()
-                logs = {"train/loss": window[0] / n, "train/ce": window[1] / n, "train/lr": engine.get_lr()[0],
-                        "train/samples_per_s": window[6] / elapsed, "train/tokens_per_s": window[7] / elapsed,
-                        "train/epoch": micro / micro_per_epoch}
-                if engine.module.bottleneck is not None:
-                    logs.update({"train/head": window[2] / n, "train/repr": window[3] / n, "train/kl": window[4] / n})
-                logs = {k: float(v) for k, v in logs.items()}
-                warn_capped_mi(logs, cfg, rank, warned)
-                tracker.log_metrics(logs, step)
-                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", samples_s=f"{logs['train/samples_per_s']:.1f}")
-                window.zero_()
-                t0 = time.perf_counter()
-            paused = time.perf_counter()  # throughput counts training only, not eval/checkpoint time
-            if step % cfg.eval_steps == 0 or step == total_steps:
-                eval_and_track(step)
-            if ((cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps) and not nonfinite["row"]:
-                checkpoint(step)
-            t0 += time.perf_counter() - paused
-            # Every rank must agree to stop at the same step, or the checkpoint save would deadlock.
-            flag = torch.tensor([stop.signum], dtype=torch.int64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and step < total_steps:
-                if not (cfg.save_steps and step % cfg.save_steps == 0):
-                    checkpoint(step)
-                if rank == 0:
-                    tqdm.write(f"[stop] signal {flag.item()} at step {step}: checkpoint saved, exiting "
-                               f"with code {EXIT_PREEMPTED}; resume with --resume_from_checkpoint latest")
-                raise StopRequested()
-        bar.close()
-
-        final = gather_trainable(engine)
-        if rank == 0:
-            save_export(out / "export", final, {**meta, "step": engine.global_steps})
-        if cfg.load_best_model_at_end and best["step"] is not None and (out / "best").is_dir():
-            from .checkpoint import load_export
-
-            set_trainable(engine, load_export(out / "best")[0])
-        test_metrics = evaluate(engine, test, collate, cfg, world, rank, data.label_names, device)
-        tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, engine.global_steps)
-        result = {"global_step": engine.global_steps, "best_step": best["step"],
-                  f"best_validation_{cfg.metric_for_best_model}": best["metric"],
-                  "test": test_metrics, "test_weights": "best" if cfg.load_best_model_at_end else "last",
-                  "mlflow_run_id": tracker.run_id, "world_size": world}
-        if rank == 0:
-            print("[test] " + " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()), flush=True)
-            tracker.log_artifact(out / "export", "export")
-            write_json_atomic(out / "metrics.json", result)  # last: its presence means "finished"
-            tracker.log_artifact(out / "metrics.json")
-        status = "FINISHED"
-        return result
+        return finish(fit(r))
     except (KeyboardInterrupt, StopRequested):
-        status = "KILLED"  # resumable: the checkpoint holds the MLflow run id, a resume reopens it
+        r.status = "KILLED"  # resumable: the checkpoint holds the MLflow run id, a resume reopens it
         raise
     finally:
-        tracker.end(status)
+        r.tracker.end(r.status)

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+import torch.distributed as dist
+
 from .config import one_line
+from .distributed import no_grad_pass
+from .io import atomic_file
 
 # Bump when the file layout or what goes into a key changes: old files then simply stop matching.
 FORMAT_VERSION = 1
@@ -169,7 +171,6 @@ def save_cache(path: Path, key: str, fields: dict[str, Any], rows: dict[bytes, t
     """Merge `rows` into what is on disk now (re-read, so rows another run added since our load are kept)
     and replace the file atomically: a temporary file in the same folder, fsync, os.replace. Returns the
     row count written. A failed write (read-only or full disk) is a warning: the run does not need it."""
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         merged = load_cache(path, key, dim, quiet=True)  # a bad file was reported at load: replaced now
@@ -182,26 +183,78 @@ def save_cache(path: Path, key: str, fields: dict[str, Any], rows: dict[bytes, t
         keys = torch.frombuffer(bytearray(b"".join(merged)), dtype=torch.uint8).reshape(-1, KEY_BYTES) \
             if merged else torch.zeros(0, KEY_BYTES, dtype=torch.uint8)
         z = torch.stack(list(merged.values())).float().contiguous() if merged else torch.zeros(0, dim)
-        # A unique name in the same folder (same file system, so os.replace is atomic; unique even for
-        # two hosts with the same pid on a shared file system).
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        save_file({"keys": keys, "z": z}, str(tmp), metadata={
-            "backbone_key": key, "format": str(FORMAT_VERSION), "key_fields": json.dumps(fields, sort_keys=True)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:  # the rename itself durable too (POSIX); not possible everywhere, and not needed for safety
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        with atomic_file(path) as tmp:
+            save_file({"keys": keys, "z": z}, str(tmp), metadata={
+                "backbone_key": key, "format": str(FORMAT_VERSION), "key_fields": json.dumps(fields, sort_keys=True)})
         return len(merged)
     except Exception as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         warn(f"could not write {path} ({one_line(e)}); continuing without")
         return 0
+
+
+# --- the protocol a run follows (collective: every rank calls compute_unprompted) -------------------------
+
+def compute_unprompted(engine, split, collate, cfg, world: int, rank: int, device, tokenizer, tracker,
+                       step: int) -> torch.Tensor:
+    """z(x, no prompt) for every training example, once: the backbone is frozen, so it never changes.
+    Each rank computes a shard and all ranks receive all of it. With `unprompted_cache_dir`, rows that
+    an earlier run computed for the same backbone key come from the persistent cache instead."""
+    from .model import model_inputs
+
+    def rows_of(batch):
+        z = engine(**model_inputs(batch), unprompted_only=True)["z"]
+        return list(zip(batch["idx"].tolist(), z.float().cpu()))
+
+    if cfg.unprompted_cache_dir:
+        return _unprompted_from_cache(engine, split, collate, cfg, world, rank, device, rows_of, tokenizer,
+                                      tracker, step)
+    cache = dict(no_grad_pass(engine, split, collate, cfg.per_device_eval_batch_size, world, rank, device, rows_of))
+    return torch.stack([cache[i] for i in range(len(split))]).to(device)
+
+
+def _unprompted_from_cache(engine, split, collate, cfg, world: int, rank: int, device, rows_of, tokenizer,
+                           tracker, step: int) -> torch.Tensor:
+    """Rank 0 reads the cache (other nodes may not share its file system) and sends every rank the hit
+    indices and their rows; all ranks then compute only the misses, sharded as usual, and rank 0 merges
+    them into the cache file. The result is the tensor compute_unprompted returns without a cache."""
+    n, dim = len(split), engine.module.backbone.config.hidden_size
+    key = path = None
+    hit_idx: list[int] = []
+    if rank == 0:
+        try:
+            fields = key_fields(cfg, engine.module, tokenizer, device.type)
+            key = key_of(fields)
+            path = cache_path(cfg.unprompted_cache_dir, key)
+            ex_keys = [example_key(split[i]) for i in range(n)]
+            stored = load_cache(path, key, dim)
+            hit_idx = [i for i, k in enumerate(ex_keys) if k in stored]
+        except Exception as e:  # rank 0 must still reach the broadcast, or the other ranks would hang
+            warn(f"disabled for this run: {type(e).__name__}: {one_line(e)}")
+            key, hit_idx = None, []
+    agreed = [hit_idx]
+    dist.broadcast_object_list(agreed, src=0)  # every rank must run the same misses (ZeRO-3 collectives)
+    hit_idx = agreed[0]
+    z_hit = torch.empty(len(hit_idx), dim, dtype=torch.float32)
+    if rank == 0 and hit_idx:
+        z_hit = torch.stack([stored[ex_keys[i]] for i in hit_idx]).float()
+    if hit_idx:
+        z_hit = z_hit.to(device)
+        dist.broadcast(z_hit, src=0)
+    z = torch.empty(n, dim, dtype=torch.float32)
+    if hit_idx:
+        z[torch.tensor(hit_idx, dtype=torch.long)] = z_hit.cpu()
+    hits = set(hit_idx)
+    missing = [i for i in range(n) if i not in hits]
+    if missing:  # the same decision on every rank: the hit set was agreed above
+        subset = [split[i] for i in missing]  # each keeps its "idx", the row of the full split
+        for i, row in no_grad_pass(engine, subset, collate, cfg.per_device_eval_batch_size, world, rank, device,
+                                   rows_of):
+            z[i] = row
+    if rank == 0 and key is not None:
+        total = save_cache(path, key, fields, {ex_keys[i]: z[i] for i in missing}, dim) if missing else len(stored)
+        print(f"[cache] z(x, no prompt): {len(hit_idx)}/{n} hits from {path} ({len(missing)} computed; "
+              f"the file holds {total} rows)", flush=True)
+        if tracker is not None:
+            tracker.set_tags({"unprompted_cache.key": key})
+            tracker.log_metrics({"train/unprompted_cache_hits": float(len(hit_idx))}, step)
+    return z.to(device)

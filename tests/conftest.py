@@ -1,5 +1,9 @@
 """Shared fixtures: tiny random backbones (an encoder and a decoder) saved with save_pretrained, and a
-small synthetic sentiment dataset in csv whose label is decided by one word, so a prompt can learn it."""
+small synthetic sentiment dataset in csv whose label is decided by one word, so a prompt can learn it.
+
+Tests live in tiers by folder, and each folder's tests get its marker here (pytest -m unit, -m e2e, ...):
+tests/unit (in process, no subprocess: the inner loop), tests/e2e (start trainings or servers),
+tests/reliability (fault injection, fuzzing), tests/slurm (a SLURM cluster)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,21 @@ POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
 FILLER = "the a movie film plot actor scene story was is very quite this that it and but so".split()
 
 
+TIERS = ("unit", "e2e", "reliability", "slurm")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The marker of a test's tier folder (tests/<tier>/...)."""
+    here = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            tier = Path(str(item.fspath)).resolve().relative_to(here).parts[0]
+        except ValueError:
+            continue
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ():
     """Each test starts from the same environment. In-process code can change it for good: MLflow's
@@ -27,9 +46,9 @@ def _restore_environ():
     os.environ.clear()
     os.environ.update(saved)
     if "mlflow" in sys.modules:
-        from mlflow.tracking._tracking_service import utils
+        from infoprompt_ds.internals import reset_mlflow_tracking_uri
 
-        utils._tracking_uri = None  # the in-process default too
+        reset_mlflow_tracking_uri()  # the in-process default too
 
 
 def make_rows(n_per_class: int, seed: int) -> list[dict]:
@@ -119,3 +138,23 @@ def run_cli(args: list[str], launcher: list[str] | None = None, env: dict | None
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py")] + args
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def build_in_process(model_dir: str, files: dict, out: Path, **over):
+    """(cfg, tokenizer, InfoPromptModel) in this process, as a run builds them (fp32, no DeepSpeed)."""
+    import torch
+
+    from infoprompt_ds.config import parse_config
+    from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
+
+    cfg = parse_config(tiny_args(model_dir, files, out, **over))
+    tok = load_tokenizer(cfg)
+    return cfg, tok, build_model(cfg, load_model_config(cfg), tok, ["neg", "pos"], torch.float32)
+
+
+def assert_results_meta(doc: dict) -> None:
+    """A benchmark results file names the machine, versions, commit and command."""
+    meta = doc["meta"]
+    assert meta["command"] and meta["machine"]["cpu_count"] >= 1
+    assert meta["versions"]["torch"] and meta["versions"]["deepspeed"]
+    assert "commit" in meta["git"]

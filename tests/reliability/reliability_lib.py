@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from infoprompt_ds.env import free_port  # noqa: F401 (the tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[2]
 LOG_ENV = "INFOPROMPT_RELIABILITY_LOG"
@@ -31,10 +32,6 @@ def record(item: str, **figures) -> None:
             f.write(json.dumps({"item": item, **figures}) + "\n")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:

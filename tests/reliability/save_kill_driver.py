@@ -16,7 +16,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def install_kill_point(point: str, target: int) -> None:
                 die()
             return original_replace(src, dst, *a, **k)
 
-        ck.os.replace = replace
+        os.replace = replace  # every atomic write (infoprompt_ds.io) renames through os.replace
     elif point == "during_rotation":  # `latest` names the new one; deleting the oldest is cut half-way
         original_rmtree = shutil.rmtree
 
@@ -99,9 +98,9 @@ def child(args: list[str], point: str | None, target: int) -> None:
     """Runs in the forked child: never returns."""
     code = 0
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        from infoprompt_ds.env import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
         if point:
             install_kill_point(point, target)
         from infoprompt_ds.cli import train_main
@@ -154,7 +153,7 @@ POINTS = ["torn_shard", "between_shards", "before_marker", "before_latest", "dur
 
 
 def main(spec: dict) -> dict:
-    from infoprompt_ds.train_loop import setup_environment
+    from infoprompt_ds.env import setup_environment
 
     setup_environment()
     # Import everything a run needs once, here, so that each forked run starts in about a second.

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, tiny_args
+from infoprompt_ds.env import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +36,7 @@ def zero3_run(tmp_path_factory, tiny_llama, sentiment_files):
     out = tmp_path_factory.mktemp("e2e") / "full"
     args = ["--deepspeed", str(ROOT / "ds_configs/zero3.json"),
             *tiny_args(tiny_llama, sentiment_files, out, save_steps=6, save_total_limit=3)]
-    proc = run_cli(args, launcher=["deepspeed", "--num_gpus", "2"])
+    proc = run_cli(args, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
     assert_ok(proc)
     return out, args, proc
 
@@ -70,13 +71,30 @@ def test_loss_decreases_and_mlflow_holds_the_run(zero3_run):
     assert metrics["test"]["accuracy"] >= 0 and metrics["best_step"] in (6, 12)
 
 
+GOLDEN = Path(__file__).with_name("golden_zero3_tiny_llama.json")
+
+
+def test_loss_curve_matches_the_golden_curve(zero3_run):
+    """The per-step train/loss and train/ce of this fixed run (tiny Llama, 2 ranks, ZeRO-3, fp32 on CPU)
+    against the values recorded in golden_zero3_tiny_llama.json, to a relative 1e-3: a change that moves
+    the numbers of a default run fails here, not only one that stops the loss from falling. When a change
+    is meant to move them, record the new curve (printed by the failure) in that file, in the same commit."""
+    out, _, _ = zero3_run
+    golden = json.loads(GOLDEN.read_text())
+    client = mlflow_client(out)
+    run_id = json.loads((out / "metrics.json").read_text())["mlflow_run_id"]
+    for key in ("train/loss", "train/ce"):
+        got = [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        assert got == pytest.approx(golden[key], rel=1e-3), f"{key}: got {got}"
+
+
 def test_resume_reproduces_uninterrupted_weights(zero3_run, tmp_path):
     out, args, _ = zero3_run
     resumed = tmp_path / "resumed"
     ckpt = out / "checkpoints" / "step6"
     assert ckpt.is_dir()
     new_args = [a if a != str(out) else str(resumed) for a in args] + ["--resume_from_checkpoint", str(ckpt)]
-    proc = run_cli(new_args, launcher=["deepspeed", "--num_gpus", "2"])
+    proc = run_cli(new_args, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
     assert_ok(proc)
     a = load_file(str(out / "export" / "infoprompt.safetensors"))
     b = load_file(str(resumed / "export" / "infoprompt.safetensors"))

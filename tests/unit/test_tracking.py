@@ -1,0 +1,29 @@
+"""Tracking names are an API: docs/tracking.md lists every name the training logs. The tests against
+a real `mlflow server` are in tests/e2e/test_tracking.py."""
+
+from __future__ import annotations
+
+from conftest import ROOT
+
+
+def test_every_logged_name_is_documented():
+    """docs/tracking.md lists every param, metric and tag name the training logs (names are an API)."""
+    import re
+    from dataclasses import fields
+
+    from infoprompt_ds.config import TrainConfig
+
+    doc = (ROOT / "docs" / "tracking.md").read_text()
+    documented = set(re.findall(r"`([\w./<>-]+)`", doc))
+    params = [f.name for f in fields(TrainConfig)] + ["world_size", "zero_stage", "n_train", "n_validation",
+                                                      "n_test", "total_steps", "trainable_params", "backbone_params"]
+    source = (ROOT / "infoprompt_ds" / "train_loop.py").read_text()
+    metrics = set(re.findall(r'"((?:train|eval|test)/\w+)"', source))
+    from infoprompt_ds import metrics as task_metrics
+
+    names = {m for ms in getattr(task_metrics, "METRICS", {}).values() for m in ms} | {"accuracy", "macro_f1", "mcc"}
+    metrics |= {f"eval/{m}" for m in names}
+    tags = set(re.findall(r'tags = \{([^}]*)\}', source)[0].replace('"', " ").split()) & {"method", "backbone", "task"}
+    missing = [n for n in params + sorted(metrics) + sorted(tags) if n not in documented]
+    assert not missing, f"not in docs/tracking.md: {missing}"
+
