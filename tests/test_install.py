@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_args
+from infoprompt_ds.tracking import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +54,8 @@ def test_console_script_and_deepspeed_module_from_another_folder(installed, tmp_
     for name, cmd in (("script", ["infoprompt-train"]),
                       # the venv's python runs the launcher (this venv has no `deepspeed` script of its own)
                       ("module", [str(installed / "bin" / "python"), "-m", "deepspeed.launcher.runner",
-                                  "--num_gpus", "1", "--module", "infoprompt_ds.train"])):
+                                  "--num_gpus", "1", "--master_port", str(free_port()), "--module",
+                                  "infoprompt_ds.train"])):
         out = tmp_path / name
         args = tiny_args(tiny_bert, sentiment_files, out, max_steps=2, eval_steps=2, deepspeed="zero3")
         p = subprocess.run(cmd + args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
