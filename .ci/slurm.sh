@@ -1,22 +1,19 @@
 #!/bin/bash
 # CI stage "slurm": the SLURM integration tests (tests/slurm/test_slurm.py, marker `slurm`) on a real two-node
-# cluster: ../shared/slurm_cluster.sh (relative to the repository root) brings up nodes n1 and n2, the
-# tests submit real jobs to them, and the cluster is brought down again whatever happens.
+# cluster: tests/slurm/cluster.sh brings up nodes n1 and n2 (network namespaces on this machine; it
+# installs munge and SLURM from Debian when missing), the tests submit real jobs to them, and the
+# cluster is brought down again whatever happens.
 #
 #   .ci/slurm.sh [extra pytest args]        # as root, after the project's `pip install -e .[test]`
 #
 # INFOPROMPT_REQUIRE_SLURM=1 turns "cluster unavailable" from a skip into a failure: in CI a skipped
-# SLURM stage would pass silently. SLURM_CLUSTER_SH overrides where the cluster script is.
+# SLURM stage would pass silently. SLURM_CLUSTER_SH overrides the cluster script.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-CLUSTER=${SLURM_CLUSTER_SH:-}
-for c in ../shared/slurm_cluster.sh /work/shared/slurm_cluster.sh; do
-  [[ -z $CLUSTER && -f $c ]] && CLUSTER=$c
-done
-[[ -n $CLUSTER && -f $CLUSTER ]] || { echo ".ci/slurm.sh: no slurm_cluster.sh (../shared/ or \$SLURM_CLUSTER_SH)" >&2; exit 1; }
+CLUSTER=$(realpath "${SLURM_CLUSTER_SH:-tests/slurm/cluster.sh}")
+[[ -f $CLUSTER ]] || { echo ".ci/slurm.sh: no cluster script at $CLUSTER" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || { echo ".ci/slurm.sh: needs root (the cluster lives in network namespaces)" >&2; exit 1; }
-CLUSTER=$(realpath "$CLUSTER")
 
 down() { echo "--- slurm cluster down"; bash "$CLUSTER" down || true; }
 trap down EXIT

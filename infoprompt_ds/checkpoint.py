@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, one_line
 from .internals import deepspeed_safe_globals
 from .io import atomic_dir, write_json_atomic, write_text_atomic  # noqa: F401 (atomic_dir: re-exported)
+from .peft_export import save_peft_adapter
 
 MARKER = "infoprompt_complete.json"
 EXPORT_WEIGHTS = "infoprompt.safetensors"
@@ -34,6 +35,7 @@ def save_export(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, An
     with atomic_dir(Path(path)) as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp / EXPORT_WEIGHTS))
         (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
+        save_peft_adapter(tmp, tensors, meta)  # the prompt as a PEFT adapter too (peft_export.py)
 
 
 def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout (sweep.py); an installed package never needs it
+DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"  # shipped DeepSpeed configs (package data)
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -156,7 +157,8 @@ class TrainConfig:
 
     # --- launcher ---------------------------------------------------------------------------------
     deepspeed: Optional[str] = field(default=None, metadata={"help": (
-        "DeepSpeed json path. Default: ds_configs/zero3.json of this repo.")})
+        "DeepSpeed json: a path, or the name of a shipped config (zero3, zero2, zero3_offload). "
+        "Default: zero3.")})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; ignored (LOCAL_RANK is read)."})
 
     def __post_init__(self):
@@ -361,11 +363,22 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
 
 # --- DeepSpeed json ---------------------------------------------------------------------------------
 
+def resolve_ds_config(path: Optional[str]) -> Path:
+    """A DeepSpeed json path as given, else a shipped config by name (`zero3` or `zero3.json`), so the
+    installed package runs from any folder; the repo's `ds_configs/` links to the same files."""
+    p = Path(path or "zero3")
+    if p.is_file():
+        return p
+    shipped = DS_CONFIGS / (p.name if p.suffix == ".json" else p.name + ".json")
+    if p.parent in (Path("."), Path("ds_configs")) and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(f.stem for f in DS_CONFIGS.glob("*.json")))
+    raise ConfigError("deepspeed", f"DeepSpeed config not found: {path} (a json path, or one of: {names})")
+
+
 def load_ds_config(path: Optional[str]) -> dict[str, Any]:
-    path = path or str(REPO_ROOT / "ds_configs" / "zero3.json")
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("deepspeed", f"DeepSpeed config not found: {path}")
+    p = resolve_ds_config(path)
+    path = str(p)
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -2,7 +2,7 @@
 
 * the scripts' decisions (requeue or not, resume or not, bounded restarts, rank environment, signal
   forwarding) against fake `srun`/`scontrol` commands: seconds, no cluster needed;
-* real jobs on the two-node cluster of ../shared/slurm_cluster.sh (nodes n1 and n2, one CPU each, this
+* real jobs on the project's two-node test cluster, tests/slurm/cluster.sh (nodes n1 and n2, one CPU each, this
   machine's filesystem): a 2-node ZeRO-3 run, a job requeued mid-training (`scontrol requeue`: SIGTERM
   path), a job that hits its time limit (SLURM's own `--signal=B:USR1@...`: the script requeues itself),
   a failing job that must not requeue, a job-array sweep and an `salloc` run. The interrupted jobs must
@@ -221,8 +221,8 @@ STEPS = 400
 
 
 def _cluster_script() -> Path | None:
-    for cand in (os.environ.get("SLURM_CLUSTER_SH"), ROOT.parent / "shared" / "slurm_cluster.sh",
-                 Path("/work/shared/slurm_cluster.sh")):
+    # the repository's own cluster script (tests/slurm/cluster.sh); SLURM_CLUSTER_SH points at another one
+    for cand in (os.environ.get("SLURM_CLUSTER_SH"), ROOT / "tests" / "slurm" / "cluster.sh"):
         if cand and Path(cand).is_file():
             return Path(cand)
     return None
@@ -250,10 +250,10 @@ def cluster():
         yield
         return
     if os.geteuid() != 0:
-        _unavailable("the SLURM cluster tests need root (slurm_cluster.sh creates network namespaces)")
+        _unavailable("the SLURM cluster tests need root (tests/slurm/cluster.sh creates network namespaces)")
     script = _cluster_script()
     if script is None:
-        _unavailable("no slurm_cluster.sh (looked at $SLURM_CLUSTER_SH, ../shared/, /work/shared/)")
+        _unavailable("no cluster script (looked at $SLURM_CLUSTER_SH and tests/slurm/cluster.sh)")
     up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, timeout=900)
     if up.returncode != 0 or not _nodes_ready():
         subprocess.run(["bash", str(script), "down"], capture_output=True, timeout=300)

@@ -81,3 +81,12 @@ def test_ds_config_errors(tmp_path):
         fill_ds_config(conflicting, TrainConfig(), 1, 10, 8)
     with pytest.raises(ConfigError, match="not supported"):
         fill_ds_config({"optimizer": {"params": {"momentum": "auto"}}}, TrainConfig(), 1, 10, 8)
+
+
+def test_shipped_deepspeed_configs_by_name_from_any_folder(tmp_path, monkeypatch):
+    repo_copy = load_ds_config("ds_configs/zero3.json")  # the README's path (the repo's link to the package data)
+    monkeypatch.chdir(tmp_path)  # outside the checkout: names resolve to the package data
+    assert load_ds_config("zero3") == load_ds_config("zero3.json") == load_ds_config(None) == repo_copy
+    assert load_ds_config("ds_configs/zero2.json")["zero_optimization"]["stage"] == 2
+    with pytest.raises(ConfigError, match=r"deepspeed: .*zero9.*one of: zero2, zero3, zero3_offload"):
+        load_ds_config("zero9")
