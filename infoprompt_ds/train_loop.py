@@ -94,11 +94,13 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
     from .checkpoint import resolve_checkpoint
     from .data import prepare_data
     from .model import load_model_config, load_tokenizer
+    from .tracking import check_tracking
 
     rank, local_rank, world = config_from_env_rank()
     ds_raw = load_ds_config(cfg.deepspeed)
     model_config = load_model_config(cfg)
     check_output_dir(cfg)
+    check_tracking(cfg)  # a bad MLflow store is bad input: exit 2 now, not a run without tracking
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
     if resume is not None:
         from .checkpoint import verify_checkpoint_files
@@ -314,7 +316,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     from .checkpoint import load_checkpoint, save_checkpoint, save_export, write_json_atomic
     from .model import build_model, model_inputs
-    from .tracking import Tracker
+    from .tracking import Tracker, run_name_for, run_tags
 
     rank, world, data = ctx["rank"], ctx["world"], ctx["data"]
     ds_config, total_steps, micro_per_epoch = ctx["ds_config"], ctx["total_steps"], ctx["micro_per_epoch"]
@@ -357,14 +359,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     best = {"metric": client.get("best_metric"), "step": client.get("best_step")}
 
     tracker = Tracker(enabled=rank == 0)
-    run_name = cfg.run_name or f"{cfg.method}-{Path(cfg.model_name_or_path).name}-seed{cfg.seed}"
-    tags = {"method": cfg.method, "backbone": cfg.model_name_or_path,
-            "task": cfg.task or (Path(cfg.train_file).stem if cfg.train_file else cfg.dataset)}
+    run_name, tags = run_name_for(cfg), run_tags(cfg)
     tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name, client.get("mlflow_run_id"), tags,
                   system_metrics=cfg.system_metrics or None)
     status = "FAILED"
     try:
         if not client:
+            tracker.log_resolved(cfg, data, engine.module.pooling, ds_config)  # before log_params: resolved values win
             tracker.log_params({**cfg.to_dict(), "world_size": world, "zero_stage": zero_stage(ds_config),
                                 "n_train": len(train), "n_validation": len(val), "n_test": len(test),
                                 "total_steps": total_steps, "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
@@ -524,6 +525,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if rank == 0:
             print("[test] " + " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()), flush=True)
             tracker.log_artifact(out / "export", "export")
+            tracker.log_best(out, result, cfg.model_name_or_path, cfg.task_type)  # best/ weights + pyfunc model
             write_json_atomic(out / "metrics.json", result)  # last: its presence means "finished"
             tracker.log_artifact(out / "metrics.json")
         status = "FINISHED"
