@@ -84,10 +84,10 @@ def find_store(tracking_uri: Optional[str], sweep: Optional[str]) -> tuple[str, 
     """(tracking URI, sweep name) through tracking.default_store, the rule every entry point shares:
     --tracking_uri, else MLFLOW_TRACKING_URI, else the sweep folder's mlflow.db (--sweep a folder, or a
     name under outputs/sweeps/), else the default training's store (outputs/run/mlflow.db)."""
+    given = Path(sweep).expanduser() if sweep else None
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        return tracking_uri or os.environ["MLFLOW_TRACKING_URI"], sweep
+        return tracking_uri or os.environ["MLFLOW_TRACKING_URI"], (None if given and given.is_dir() else sweep)
     if sweep:
-        given = Path(sweep).expanduser()
         folder = given if given.is_dir() else SWEEPS_ROOT / sweep
         if not (folder / DB_NAME).is_file():
             raise ConfigError("sweep", f"no sweep store at {folder / DB_NAME}; pass the sweep's name (run where the "

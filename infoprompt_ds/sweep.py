@@ -387,10 +387,12 @@ def _scores_of(output_dir: Path) -> dict[str, float]:
 def compare_command(spec: SweepSpec) -> str:
     """The exact command that compares this sweep's runs: by name when output_root is the default
     (outputs/sweeps/<name>, relative to where the sweep ran), else by folder."""
-    where = spec.name if spec.output_root == (SWEEPS_ROOT / spec.name).resolve() else str(spec.output_root)
-    cmd = ["python", "-m", "infoprompt_ds.compare", "--sweep", where]
+    in_folder = resolve_uri(spec)[0] == f"sqlite:///{spec.output_root / 'mlflow.db'}"
+    default_root = spec.output_root == (SWEEPS_ROOT / spec.name).resolve()
+    cmd = ["python", "-m", "infoprompt_ds.compare", "--sweep",
+           str(spec.output_root) if in_folder and not default_root else spec.name]
     if spec.tracking_uri and spec.tracking_uri != os.environ.get("MLFLOW_TRACKING_URI"):
-        cmd += ["--tracking_uri", spec.tracking_uri]
+        cmd += ["--tracking_uri", spec.tracking_uri]  # a server named in the sweep file
     return shlex.join(cmd)
 
 

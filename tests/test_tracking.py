@@ -184,7 +184,9 @@ def test_every_logged_name_is_documented():
 
     names = {m for ms in getattr(task_metrics, "METRICS", {}).values() for m in ms} | {"accuracy", "macro_f1", "mcc"}
     metrics |= {f"eval/{m}" for m in names}
-    tags = set(re.findall(r'tags = \{([^}]*)\}', source)[0].replace('"', " ").split()) & {"method", "backbone", "task"}
+    from infoprompt_ds.tracking import run_tags
+
+    tags = set(run_tags(TrainConfig())) | {"best_step", "best_validation_<metric>", "version.<package>"}
     missing = [n for n in params + sorted(metrics) + sorted(tags) if n not in documented]
     assert not missing, f"not in docs/tracking.md: {missing}"
 
@@ -208,7 +210,8 @@ def test_parallel_runs_on_a_fresh_sqlite_store_all_land(tmp_path):
     from mlflow import MlflowClient
 
     n, start_at = 4, time.time() + 8  # past the imports of every process
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # default store: beside the runs
+    # One fresh sqlite store shared by all four (as a sweep's store is shared by its trainings).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     procs = [subprocess.Popen([sys.executable, "-c", PARALLEL_RUN, str(tmp_path / f"run{i}"), str(start_at)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(n)]
