@@ -98,7 +98,7 @@ def sqlite_path(uri: str) -> Optional[Path]:
 
 # --- pre-flight: a bad store is bad input (exit 2 before training), not something to buffer -----------
 
-_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+_SCHEMES = ("", "http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
 
 
 def _check_owned(path: Path, field: str) -> None:
@@ -757,8 +757,8 @@ def log_predictor_model(uri: str, run_id: str, export_dir: str, backbone: str, t
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    outputs = None if task_type == "ner" else Schema([ColSpec("string", "label")])
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=outputs)
+    outputs = None if task_type == "ner" else Schema([ColSpec("string")])  # one label per text
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=outputs)  # a list of texts
     # Explicit requirements: inferring them would import-trace the model in a subprocess (slow).
     reqs = [f"{p}=={version(p)}" for p in ("torch", "transformers", "mlflow", "safetensors")] + ["infoprompt-ds"]
     mlflow.set_tracking_uri(uri)
