@@ -12,11 +12,7 @@ model_config["backbone"] (a path or hub name): where it moved, `load_model(uri, 
 
 from __future__ import annotations
 
-import warnings
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # "add type hints to predict": the signature is given explicitly
-    import mlflow.pyfunc
+import mlflow.pyfunc
 
 
 class PredictorModel(mlflow.pyfunc.PythonModel):

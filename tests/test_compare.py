@@ -188,3 +188,41 @@ def test_one_seed_shows_no_std(server, tmp_path):
     text = "\n".join(printed)
     assert "| infoprompt | 1 | 0.8100 | 0.8000 |" in text and "±" not in text.split("| method")[1].split("## Significance")[0]
     assert "infoprompt (n=1 seed)" in svg_text(tmp_path / "val_accuracy.svg")
+
+
+def test_compare_finds_a_sweep_store_by_name_or_folder_with_no_other_flag(tmp_path):
+    """What a sweep without a server leaves: <output_root>/mlflow.db with a parent run and its children.
+    `compare --sweep NAME` (from where the sweep ran: outputs/sweeps/NAME) and `compare --sweep FOLDER`
+    find the store, the experiment and the sweep by themselves."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from infoprompt_ds.tracking import default_store
+
+    root = tmp_path / "outputs" / "sweeps" / "tiny"
+    root.mkdir(parents=True)
+    client = MlflowClient(default_store(root).uri)
+    exp_id = client.create_experiment("tiny-exp")
+    parent = client.create_run(exp_id, tags={"sweep.role": "parent", "sweep.name": "tiny"}, run_name="tiny")
+    for method, accs in (("infoprompt", [0.8, 0.9]), ("prompt", [0.7, 0.75])):
+        for seed, acc in enumerate(accs):
+            rid = log_run(client, exp_id, "64", method, seed, acc)
+            client.set_tag(rid, "sweep.name", "tiny")
+            client.set_tag(rid, "sweep.role", "child")
+            client.set_tag(rid, "mlflow.parentRunId", parent.info.run_id)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(ROOT)
+    for where, cwd in (("tiny", tmp_path), (str(root), ROOT)):
+        r = subprocess.run([sys.executable, "-m", "infoprompt_ds.compare", "--sweep", where, "--no_log",
+                            "--output_dir", str(tmp_path / "cmp")], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "# tiny-exp: 4 finished runs (sweep tiny)" in r.stdout
+        assert "| infoprompt | 2 |" in r.stdout and "| prompt | 2 |" in r.stdout
+        assert "searchFilter=tags.%60sweep.name%60%20%3D%20%27tiny%27" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "infoprompt_ds.compare", "--sweep", "nope"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: sweep: no sweep store at outputs/sweeps/nope/mlflow.db; pass the sweep's name (run where the sweep "
+        "ran) or its output_root folder, or --tracking_uri"]
