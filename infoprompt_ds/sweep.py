@@ -399,7 +399,7 @@ def compare_command(spec: SweepSpec) -> str:
 def summary(result: SweepResult, spec: Optional[SweepSpec] = None) -> str:
     """The end-of-sweep table (status, time, scores, run name, cell) and what to run next."""
     keys = list(dict.fromkeys(k for o in result.outcomes for k in o.scores))
-    lines = [f"{'status':9} {'seconds':>7}  " + "".join(f"{k:>18}" for k in keys) + f"  {'run':34} cell"]
+    lines = [f"{'status':9} {'seconds':>7}  " + "".join(f"{k:>18}" for k in keys) + f"  {'run name':34} cell"]
     for o in result.outcomes:
         scores = "".join(f"{o.scores[k]:18.4f}" if k in o.scores else f"{'-':>18}" for k in keys)
         lines.append(f"{o.status:9} {o.seconds:7.0f}  {scores}  {o.cell.args.get('run_name', '-'):34} {o.cell.cell_id}")
