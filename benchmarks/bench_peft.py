@@ -108,7 +108,7 @@ def ours(args, out_dir: Path) -> dict:
     if res["rc"] != 0:
         return {"status": "failed", "command": cmd, **res}
     m = json.loads((run_dir / "metrics.json").read_text())
-    client = MlflowClient(tracking_uri=f"sqlite:///{out_dir / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     hist = sorted((x.step, x.value) for x in client.get_metric_history(m["mlflow_run_id"], "train/samples_per_s"))
     windows = [v for s, v in hist if s > args.warmup]  # the window ending at step `warmup` holds the first steps
     # equal-sized windows: overall samples/s is the harmonic mean of the window rates

@@ -95,7 +95,8 @@ def run_one(spec: dict, args, work: Path) -> dict:
     if not metrics_file.exists() or args.rerun:
         print(f"[study] {name}", flush=True)
         t = time.perf_counter()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # One store for the whole study, as before (a training alone logs into its output_dir).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{(work / 'runs' / 'mlflow.db').resolve()}"}
         if args.jobs > 1:  # runs side by side share the cores: one team of threads each, not oversubscribed
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)

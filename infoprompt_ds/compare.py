@@ -1,9 +1,12 @@
 """Compare methods across seeds from what is in MLflow.
 
-    python -m infoprompt_ds.compare --experiment NAME [--tracking_uri URI] [--target 0.8] [--sweep NAME]
+    python -m infoprompt_ds.compare --sweep NAME_OR_FOLDER          # what a sweep prints at its end
+    python -m infoprompt_ds.compare --experiment NAME [--tracking_uri URI] [--target 0.8] [--metric M]
 
-Reads the experiment's runs (mlflow.search_runs), groups the FINISHED ones by every param but the seed
-(and a few that name where a run wrote), and prints one row per group: mean ± std over seeds of the best
+The store is tracking.default_store's (MLFLOW_TRACKING_URI, else the sweep folder's mlflow.db), so a
+sweep and its comparison need no flags. Reads the experiment's runs (mlflow.search_runs), groups the
+FINISHED ones by every param but the seed and the fields marked `"identity": False` in TrainConfig
+(where a run wrote, how often it logged, system metrics, caches), and prints one row per group: mean ± std over seeds of the best
 validation metric and the test metric, steps and seconds to reach --target on validation, throughput.
 Methods that share everything else are compared with a paired t-test over seeds. Plots (validation
 metric and loss components vs step, one line per method, a ±std band over seeds) and the tables (CSV and
@@ -22,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 from .errors import fail
+from .tracking import DB_NAME, SWEEPS_ROOT, default_store, non_identity_fields
 
-# Params that differ between seeds of the same configuration without changing what is compared.
-IGNORED_PARAMS = {"seed", "output_dir", "run_name", "mlflow_experiment", "resume_from_checkpoint",
-                  "overwrite_output_dir", "local_rank", "dist_timeout_minutes",
-                  "unprompted_cache_dir"}  # where z(x, no prompt) is cached changes no result
+# Params that differ between runs of the same configuration without changing what is compared: the seed
+# (the replicate axis) and every config field marked "identity": False.
+IGNORED_PARAMS = {"seed"} | non_identity_fields()
 # Params that only the method sets (prompt tuning forces the MI weights to 0 and has no estimators): they
 # are part of a method's arm, not of the cell in which two methods are compared.
 METHOD_PARAMS = {"gamma", "beta", "kl_weight", "k_negatives", "bottleneck_dim", "mi_decay", "mi_clamp", "cache_unprompted",
@@ -39,7 +42,7 @@ COMPARISON_TAG = "infoprompt.role"
 
 @dataclass
 class Options:
-    experiment: str
+    experiment: Optional[str]  # None: the sweep's experiment, or the store's only one
     tracking_uri: str
     metric: Optional[str] = None  # default: the runs' metric_for_best_model
     target: float = 0.8
@@ -77,12 +80,56 @@ class Comparison:
 
 # --- reading MLflow ------------------------------------------------------------------------------------
 
-def default_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    # Where a training with the default output_dir (outputs/run) keeps its store.
-    return f"sqlite:///{Path('outputs/mlflow.db').resolve()}"
+def find_store(tracking_uri: Optional[str], sweep: Optional[str]) -> tuple[str, Optional[str]]:
+    """(tracking URI, sweep name) through tracking.default_store, the rule every entry point shares:
+    --tracking_uri, else MLFLOW_TRACKING_URI, else the sweep folder's mlflow.db (--sweep a folder, or a
+    name under outputs/sweeps/), else the default training's store (outputs/run/mlflow.db)."""
+    given = Path(sweep).expanduser() if sweep else None
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return tracking_uri or os.environ["MLFLOW_TRACKING_URI"], (None if given and given.is_dir() else sweep)
+    if sweep:
+        folder = given if given.is_dir() else SWEEPS_ROOT / sweep
+        if not (folder / DB_NAME).is_file():
+            raise ConfigError("sweep", f"no sweep store at {folder / DB_NAME}; pass the sweep's name (run where the "
+                              f"sweep ran) or its output_root folder, or --tracking_uri")
+        # A folder names the sweep only through its store: the name is read from its parent run.
+        return default_store(folder).uri, (None if given.is_dir() else sweep)
+    uri = default_store(TrainConfig.output_dir).uri
+    if not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError("tracking_uri", f"no MLflow store at {uri}; pass --sweep NAME_OR_FOLDER, --tracking_uri, "
+                          f"or set MLFLOW_TRACKING_URI")
+    return uri, None
+
+
+def find_experiment(opts: Options):
+    """The experiment named by --experiment; else the one holding the sweep; else the store's only one."""
+    import mlflow
+
+    if opts.experiment:
+        exp = mlflow.get_experiment_by_name(opts.experiment)
+        if exp is None:
+            names = [e.name for e in mlflow.search_experiments()]
+            raise ConfigError("experiment", f"no experiment named {opts.experiment!r} at {opts.tracking_uri}; "
+                              f"it has: {', '.join(names) or 'none'}")
+        return exp
+    role = "tags.`sweep.role` = 'parent'"
+    parents = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=role
+                                 + (f" and tags.`sweep.name` = '{opts.sweep}'" if opts.sweep else ""))
+    if parents:
+        if not opts.sweep:
+            names = sorted({r.data.tags["sweep.name"] for r in parents})
+            if len(names) > 1:
+                raise ConfigError("sweep", f"{opts.tracking_uri} holds sweeps {', '.join(names)}; name one")
+            opts.sweep = names[0]
+        return mlflow.get_experiment(parents[0].info.experiment_id)
+    if opts.sweep:
+        raise ConfigError("sweep", f"no sweep named {opts.sweep!r} at {opts.tracking_uri}")
+    exps = [e for e in mlflow.search_experiments() if mlflow.search_runs([e.experiment_id], max_results=1,
+                                                                          output_format="list")]
+    if len(exps) != 1:
+        raise ConfigError("experiment", f"pass --experiment; {opts.tracking_uri} has "
+                          f"{', '.join(e.name for e in exps) or 'no runs'}")
+    return exps[0]
 
 
 def load_runs(opts: Options):
@@ -90,11 +137,12 @@ def load_runs(opts: Options):
 
     mlflow.set_tracking_uri(opts.tracking_uri)
     try:
-        exp = mlflow.get_experiment_by_name(opts.experiment)
+        exp = find_experiment(opts)
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001 - unreachable server or bad URI: one line for the user
         raise ConfigError("tracking_uri", f"cannot read MLflow at {opts.tracking_uri}: {str(e).splitlines()[0][:200]}")
-    if exp is None:
-        raise ConfigError("experiment", f"no experiment named {opts.experiment!r} at {opts.tracking_uri}")
+    opts.experiment = exp.name
     df = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas", max_results=50000)
     if df.empty:
         return df, exp
@@ -189,9 +237,12 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
-def fmt(mean: float, std: float, digits: int = 4) -> str:
+def fmt(mean: float, std: float, digits: int = 4, n: int = 2) -> str:
+    """mean ± sample std; one seed has no spread to show, so just the value."""
     if _isnan(mean):
         return "—"
+    if n < 2 or _isnan(std):
+        return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -269,61 +320,136 @@ def build_tables(stats_: list[RunStats], cell_cols: list[str], show_cols: list[s
 
 # --- plots -----------------------------------------------------------------------------------------------
 
-def _band(ax, runs: list[RunStats], key: str, label: str, color):
+# What each curve measures, for the y axis: every loss here is a mean per example in nats (natural log).
+METRIC_UNITS = {"accuracy": "fraction correct", "macro_f1": "macro-F1, 0–1", "mcc": "MCC, −1 to 1",
+                "f1": "F1, 0–1", "relation_f1": "macro-F1 w/o no-relation, 0–1", "entity_f1": "entity F1, 0–1"}
+LOSS_TITLES = {"train/ce": "classification cross-entropy", "train/head": "L_head (InfoNCE, unweighted)",
+               "train/repr": "L_repr (InfoNCE, unweighted)", "train/kl": "bottleneck KL (unweighted)"}
+BAND = "shaded band: ± 1 sample std over seeds (none for n = 1)"
+
+
+def _tasks(finished) -> str:
+    for col in ("params.task", "tags.task"):
+        if col in finished and finished[col].notna().any():
+            return ", ".join(sorted(set(finished[col].dropna().astype(str))))
+    return "task not recorded"
+
+
+def _band(ax, runs: list[RunStats], key: str, label: str, color) -> bool:
+    """Mean over seeds as a line, ± 1 sample std as a band; the legend names the method and its n."""
     import pandas as pd
 
     curves = [r.history[key].set_index("step")["value"].rename(r.run_id) for r in runs if key in r.history]
     if not curves:
         return False
     wide = pd.concat(curves, axis=1).sort_index()
-    mean, std = wide.mean(axis=1), wide.std(axis=1, ddof=1).fillna(0.0)
-    ax.plot(mean.index, mean.values, label=f"{label} (n={wide.shape[1]})", color=color)
-    ax.fill_between(mean.index, (mean - std).values, (mean + std).values, color=color, alpha=0.2)
+    n = wide.shape[1]
+    mean, std = wide.mean(axis=1), wide.std(axis=1, ddof=1)
+    ax.plot(mean.index, mean.values, label=f"{label} (n={n} seed{'s' if n > 1 else ''})", color=color, lw=1.6)
+    if n > 1:
+        ax.fill_between(mean.index, (mean - std).values, (mean + std).values, color=color, alpha=0.2, lw=0)
     return True
 
 
+def _finish(fig, path_stem: Path, caption: str) -> list[Path]:
+    fig.text(0.01, 0.005, caption, fontsize=8, ha="left", va="bottom", style="italic")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    paths = []
+    for ext in ("png", "svg"):
+        paths.append(path_stem.with_suffix(f".{ext}"))
+        fig.savefig(paths[-1], dpi=150)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths
+
+
 def plot_cells(stats_: list[RunStats], cell_cols: list[str], show_cols: list[str], metric: str,
-               out: Path) -> list[Path]:
-    """Per cell: validation metric vs step, and loss components vs step; one line per method, ±std band."""
+               out: Path, experiment: str = "", task: str = "") -> list[Path]:
+    """Figures for a paper, PNG (to look at) and SVG (text kept as text, for editing and for the tests):
+
+    * val_<metric>: the validation metric vs optimizer step, one panel per cell (e.g. per k_shot), one
+      line per method with its n seeds, a ± std band;
+    * losses__<cell>: per cell, one panel per loss: the cross-entropy (the one objective every method
+      shares) with all methods on one axis; each method's total loss on its own panel (different
+      objectives, not comparable); the MI terms of InfoPrompt on theirs.
+    Titles name the experiment and task; captions say what the band is."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a cluster node
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"svg.fonttype": "none", "font.size": 10})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    paths = []
-    for cell, arms in sorted(_by_cell(stats_).items(), key=lambda kv: _natural(kv[0])):
+    cells = sorted(_by_cell(stats_).items(), key=lambda kv: _natural(kv[0]))
+    all_arms = _arm_order({a for _, arms in cells for a in arms})
+    color = {a: colors[i % len(colors)] for i, a in enumerate(all_arms)}
+    head = f"{experiment} — {task}" if experiment else task
+
+    def cell_title(cell) -> str:
         shown = [(c.removeprefix("params."), v) for c, v in zip(cell_cols, cell) if c in show_cols]
-        title = ", ".join(f"{k}={v}" for k, v in shown) or "all runs"
-        slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(f"{k}={v}" for k, v in shown)) or "all"
-        order = _arm_order(arms)
+        return ", ".join(f"{k}={v}" for k, v in shown)
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, m in enumerate(order):
-            _band(ax, arms[m], f"eval/{metric}", m, colors[i % len(colors)])
-        ax.set(xlabel="step", ylabel=f"validation {metric}", title=title)
-        ax.legend()
+    paths: list[Path] = []
+    unit = METRIC_UNITS.get(metric, metric)
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.8 * len(cells) + 0.6, 3.8), squeeze=False, sharey=True)
+    for ax, (cell, arms) in zip(axes[0], cells):
+        for m in _arm_order(arms):
+            _band(ax, arms[m], f"eval/{metric}", m, color[m])
+        ax.set_xlabel("optimizer step")
+        ax.set_title(cell_title(cell) or "all runs of the comparison", fontsize=10)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(out / f"val_{metric}__{slug}.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        ax.legend(fontsize=8, loc="best")
+    axes[0][0].set_ylabel(f"validation {metric} ({unit})")
+    fig.suptitle(f"{head}: validation {metric} during training")
+    paths += _finish(fig, out / f"val_{metric}", f"Lines: mean over seeds; {BAND}.")
 
-        keys = [k for k in LOSS_KEYS if any(k in r.history for rs in arms.values() for r in rs)]
-        if keys:
-            fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
-            for ax, key in zip(axes[0], keys):
-                for i, m in enumerate(order):
-                    _band(ax, arms[m], key, m, colors[i % len(colors)])
-                ax.set(xlabel="step", title=key)
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
-            fig.suptitle(title)
-            fig.tight_layout()
-            paths.append(out / f"losses__{slug}.png")
-            fig.savefig(paths[-1], dpi=100)
-            plt.close(fig)
+    for cell, arms in cells:
+        order = _arm_order(arms)
+        panels = []  # (title, [(arm, key)])
+        if any("train/ce" in r.history for rs in arms.values() for r in rs):
+            panels.append((LOSS_TITLES["train/ce"], [(m, "train/ce") for m in order]))
+        for m in order:
+            if any("train/loss" in r.history for r in arms[m]):
+                panels.append((f"total loss of {m} (its own objective)", [(m, "train/loss")]))
+        for key in ("train/head", "train/repr", "train/kl"):
+            users = [m for m in order if any(key in r.history for r in arms[m])]
+            if users:
+                panels.append((LOSS_TITLES[key], [(m, key) for m in users]))
+        if not panels:
+            continue
+        ncols = min(3, len(panels))
+        nrows = math.ceil(len(panels) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.3 * nrows + 0.6), squeeze=False)
+        for ax, (title, lines) in zip(axes.flat, panels):
+            for m, key in lines:
+                _band(ax, arms[m], key, m, color[m])
+            ax.set(title=title, xlabel="optimizer step", ylabel="loss (nats per example)")
+            ax.title.set_fontsize(10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="best")
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        where = cell_title(cell)
+        fig.suptitle(f"{head}: training losses" + (f" ({where})" if where else ""))
+        slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", where.replace(", ", "__")) or "all"
+        paths += _finish(fig, out / f"losses__{slug}", f"Mean over seeds of the per-window training mean; {BAND}. "
+                         "Total losses of different methods are different objectives: separate panels.")
     return paths
+
+
+def ui_link(uri: str, experiment_id: str, sweep: Optional[str]) -> str:
+    """A link that opens the MLflow UI (3.x routes: #/experiments/<id>/runs) on the training runs, flat:
+    a search filter lists matching child runs directly instead of under their collapsed sweep parent."""
+    from urllib.parse import quote
+
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    query = f"tags.`sweep.name` = '{sweep}' AND tags.`sweep.role` = 'child'" if sweep \
+        else "tags.method LIKE '%'"
+    link = f"{base}/#/experiments/{experiment_id}/runs?searchFilter={quote(query)}&orderByKey={quote('attributes.run_name')}&orderByAsc=true"
+    if not uri.startswith("http"):
+        link += f"   (after: mlflow ui --backend-store-uri {uri})"
+    return link
 
 
 # --- output ----------------------------------------------------------------------------------------------
@@ -351,12 +477,13 @@ def display_table(table, show_cols: list[str], metric: str):
     if table.empty:
         return table
     out = table[["method"] + [c.removeprefix("params.") for c in show_cols] + ["seeds"]].copy()
-    out[f"best val {metric}"] = [fmt(m, s) for m, s in zip(table[f"best_val_{metric}_mean"], table[f"best_val_{metric}_std"])]
-    out[f"test {metric}"] = [fmt(m, s) for m, s in zip(table[f"test_{metric}_mean"], table[f"test_{metric}_std"])]
-    out["steps to target"] = [f"{fmt(m, s, 1)} ({k}/{n})" for m, s, k, n in
-                              zip(table["steps_to_target_mean"], table["steps_to_target_std"], table["reached_target"], table["seeds"])]
-    out["seconds to target"] = [fmt(m, s, 1) for m, s in zip(table["seconds_to_target_mean"], table["seconds_to_target_std"])]
-    out["samples/s"] = [fmt(m, s, 1) for m, s in zip(table["samples_per_s_mean"], table["samples_per_s_std"])]
+    n = table["seeds"]
+    out[f"best val {metric}"] = [fmt(m, s, 4, k) for m, s, k in zip(table[f"best_val_{metric}_mean"], table[f"best_val_{metric}_std"], n)]
+    out[f"test {metric}"] = [fmt(m, s, 4, k) for m, s, k in zip(table[f"test_{metric}_mean"], table[f"test_{metric}_std"], n)]
+    out["steps to target"] = [f"{fmt(m, s, 1, k)} ({k}/{t})" for m, s, k, t in
+                              zip(table["steps_to_target_mean"], table["steps_to_target_std"], table["reached_target"], n)]
+    out["seconds to target"] = [fmt(m, s, 1, k) for m, s, k in zip(table["seconds_to_target_mean"], table["seconds_to_target_std"], table["reached_target"])]
+    out["samples/s"] = [fmt(m, s, 1, k) for m, s, k in zip(table["samples_per_s_mean"], table["samples_per_s_std"], n)]
     return pd.DataFrame(out)
 
 
@@ -389,6 +516,10 @@ def compare(opts: Options, echo=print) -> Comparison:
         col = df.get("params.metric_for_best_model")
         values = set(col.dropna()) if col is not None else set()
         metric = values.pop() if len(values) == 1 else "accuracy"
+    available = sorted(c.removeprefix("metrics.test/") for c in df.columns if c.startswith("metrics.test/"))
+    if metric not in available:
+        raise ConfigError("metric", f"no run of {opts.experiment!r} has test/{metric}; available: "
+                          f"{', '.join(available) or 'none (no run finished with test metrics)'}")
     finished, excluded = split_runs(df, metric)
     params = sorted(_param_columns(finished)) if not finished.empty else []
     cell_cols = [c for c in params if c != "params.method" and c[len("params."):] not in METHOD_PARAMS]
@@ -419,7 +550,7 @@ def compare(opts: Options, echo=print) -> Comparison:
     out.mkdir(parents=True, exist_ok=True)
     if stats_:
         table, sig = build_tables(stats_, cell_cols, show_cols, metric, opts.alpha)
-        plots = plot_cells(stats_, cell_cols, show_cols, metric, out)
+        plots = plot_cells(stats_, cell_cols, show_cols, metric, out, opts.experiment, _tasks(finished))
     else:
         table, sig, plots = pd.DataFrame(), pd.DataFrame(), []
     shown = display_table(table, show_cols, metric)
@@ -434,6 +565,7 @@ def compare(opts: Options, echo=print) -> Comparison:
     (out / "comparison.md").write_text("\n".join(report), encoding="utf-8")
     echo("\n".join(report))
     echo(f"plots: {', '.join(str(p) for p in plots) or '(none)'}")
+    echo(f"MLflow UI: {ui_link(opts.tracking_uri, exp.experiment_id, opts.sweep)}")
 
     result = Comparison(table=table, significance=sig, excluded=excl, plots=plots, cell_columns=cell_cols,
                         metric=metric)
@@ -471,13 +603,15 @@ def log_comparison(client, exp_id: str, opts: Options, metric: str, out: Path, p
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m infoprompt_ds.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
-    parser.add_argument("--tracking_uri", default=None,
-                        help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment name (default: the sweep's, or the store's only experiment)")
+    parser.add_argument("--tracking_uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else the "
+                        "sweep folder's mlflow.db, else outputs/run/mlflow.db)")
     parser.add_argument("--metric", default=None, help="accuracy, macro_f1, mcc, f1, relation_f1, entity_f1 (default: the runs' metric_for_best_model)")
     parser.add_argument("--target", type=float, default=0.8, help="validation metric value for 'steps to target'")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired test")
-    parser.add_argument("--sweep", default=None, help="only the runs of this sweep (tag sweep.name)")
+    parser.add_argument("--sweep", default=None, help="a sweep's name (its store: outputs/sweeps/NAME/mlflow.db) or "
+                        "its output_root folder; only that sweep's runs are compared")
     parser.add_argument("--output_dir", default=None, help="tables and plots (default: outputs/compare/<experiment>)")
     parser.add_argument("--no_log", action="store_true", help="do not log a comparison run to MLflow")
     args = parser.parse_args(argv)
@@ -486,11 +620,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise ConfigError("metric", f"must be a metric name such as accuracy, macro_f1, entity_f1; got {args.metric!r}")
         if not 0 < args.alpha < 1:
             raise ConfigError("alpha", f"must be in (0, 1), got {args.alpha}")
-        uri = args.tracking_uri or default_uri()
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-            raise ConfigError("tracking_uri", f"no MLflow store at {uri}; pass --tracking_uri or set MLFLOW_TRACKING_URI")
+        uri, sweep = find_store(args.tracking_uri, args.sweep)
         compare(Options(experiment=args.experiment, tracking_uri=uri, metric=args.metric, target=args.target,
-                        alpha=args.alpha, sweep=args.sweep, output_dir=Path(args.output_dir) if args.output_dir else None,
+                        alpha=args.alpha, sweep=sweep, output_dir=Path(args.output_dir) if args.output_dir else None,
                         log_to_mlflow=not args.no_log))
     except ConfigError as e:
         fail(e)

@@ -108,7 +108,7 @@ class TrainConfig:
     cache_unprompted: bool = field(default=True, metadata={"help": (
         "Compute the unprompted representation z(x, no prompt) once per training example before training "
         "(the backbone is frozen, so it never changes) instead of a second forward pass every step.")})
-    unprompted_cache_dir: Optional[str] = field(default=None, metadata={"help": (
+    unprompted_cache_dir: Optional[str] = field(default=None, metadata={"identity": False, "help": (
         "Persistent cache of z(x, no prompt) shared across runs (seeds, methods, sweeps), keyed by backbone "
         "weights and config, tokenizer, max_length, pooling, compute dtype and device type, and per example "
         "by its token ids; only the misses are computed. Used with cache_unprompted and an estimator "
@@ -120,7 +120,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Micro-batch per rank."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Eval batch per rank."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"identity": False, "help": "Eval batch per rank."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     num_train_epochs: float = field(default=10, metadata={"help": "Epochs, when max_steps <= 0."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; > 0 overrides num_train_epochs."})
@@ -130,25 +130,25 @@ class TrainConfig:
     fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision (fills fp16.enabled='auto')."})
 
     # --- evaluation, checkpoints, logging ---------------------------------------------------------
-    logging_steps: int = field(default=5, metadata={"help": "Log losses and throughput every N steps."})
+    logging_steps: int = field(default=5, metadata={"identity": False, "help": "Log losses and throughput every N steps."})
     eval_steps: int = field(default=20, metadata={"help": "Evaluate on validation every N steps (and at the end)."})
-    save_steps: int = field(default=0, metadata={"help": "DeepSpeed checkpoint every N steps; 0 = only at the end."})
-    save_total_limit: int = field(default=2, metadata={"help": "Complete checkpoints kept (oldest removed first)."})
+    save_steps: int = field(default=0, metadata={"identity": False, "help": "DeepSpeed checkpoint every N steps; 0 = only at the end."})
+    save_total_limit: int = field(default=2, metadata={"identity": False, "help": "Complete checkpoints kept (oldest removed first)."})
     metric_for_best_model: str = field(default="auto", metadata={"help": (
         "accuracy | macro_f1 | mcc | f1 (binary, positive = second label) | relation_f1 (macro-F1 without the "
         "no-relation class) | entity_f1 (seqeval micro-F1) | auto (the preset's, else the task type's).")})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Test with the best validation weights, not the last."})
-    output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints, export and metrics.json go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow training into a dir that holds a finished run."})
-    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": (
+    output_dir: str = field(default="outputs/run", metadata={"identity": False, "help": "Where checkpoints, export and metrics.json go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"identity": False, "help": "Allow training into a dir that holds a finished run."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"identity": False, "help": (
         "latest (newest complete checkpoint in output_dir/checkpoints) or a checkpoint folder path.")})
-    mlflow_experiment: str = field(default="infoprompt", metadata={"help": "MLflow experiment name."})
-    run_name: Optional[str] = field(default=None, metadata={"help": "MLflow run name (default: method-backbone-seed)."})
-    system_metrics: bool = field(default=False, metadata={"help": (
+    mlflow_experiment: str = field(default="infoprompt", metadata={"identity": False, "help": "MLflow experiment name."})
+    run_name: Optional[str] = field(default=None, metadata={"identity": False, "help": "MLflow run name (default: method-backbone-task-kshot-seed, e.g. infoprompt-minilm-rt-k64-s0)."})
+    system_metrics: bool = field(default=False, metadata={"identity": False, "help": (
         "Log system/* metrics (CPU, memory, disk, network, GPU) to MLflow every "
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (default 10).")})
 
-    dist_timeout_minutes: float = field(default=30.0, metadata={"help": (
+    dist_timeout_minutes: float = field(default=30.0, metadata={"identity": False, "help": (
         "Collective timeout: a rank that dies makes the others fail after this long instead of hanging.")})
     max_nonfinite_steps: int = field(default=5, metadata={"help": (
         "A micro-batch whose loss is NaN/inf on any rank is skipped (no backward, no update) and counted "
@@ -159,7 +159,7 @@ class TrainConfig:
     deepspeed: Optional[str] = field(default=None, metadata={"help": (
         "DeepSpeed json: a path, or the name of a shipped config (zero3, zero2, zero3_offload). "
         "Default: zero3.")})
-    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; ignored (LOCAL_RANK is read)."})
+    local_rank: int = field(default=-1, metadata={"identity": False, "help": "Set by the deepspeed launcher; ignored (LOCAL_RANK is read)."})
 
     def __post_init__(self):
         _check_choice("method", self.method, ("infoprompt", "prompt", "probe"))

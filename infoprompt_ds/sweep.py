@@ -28,13 +28,11 @@ from typing import Any, Optional
 
 from .config import REPO_ROOT, ConfigError, load_config_file, parse_config
 from .errors import fail
-from .tracking import ENV_PARENT, ENV_TAGS, PARENT_TAG
+from .tracking import ENV_PARENT, ENV_TAGS, PARENT_TAG, SWEEPS_ROOT, default_store, non_identity_fields, run_name_for
 
 # Fields the sweep sets itself for every cell.
 RESERVED = ("output_dir", "run_name", "mlflow_experiment", "resume_from_checkpoint", "overwrite_output_dir",
             "local_rank")
-# Not part of a cell's identity: where it writes, and how the sweep restarts it.
-_NOT_HASHED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
 EXIT_PREEMPTED = 75
 
 
@@ -71,7 +69,9 @@ class Cell:
 
     @property
     def args_hash(self) -> str:
-        ident = {k: v for k, v in sorted(self.args.items()) if k not in _NOT_HASHED}
+        # Not hashed: fields marked "identity": False in TrainConfig (where it writes, logging, caches...).
+        skip = non_identity_fields()
+        ident = {k: v for k, v in sorted(self.args.items()) if k not in skip}
         return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -82,6 +82,7 @@ class Outcome:
     run_id: Optional[str] = None
     seconds: float = 0.0
     returncode: Optional[int] = None
+    scores: dict[str, float] = field(default_factory=dict)  # best validation and test metric (metrics.json)
 
 
 @dataclass
@@ -152,7 +153,7 @@ def load_spec(path: str, overrides: Optional[dict[str, Any]] = None, tracking_ur
         raise ConfigError("launcher", "must be 'python', a command string or a list of strings")
     name = str(raw.get("name") or Path(path).stem)
     experiment = str(raw.get("experiment") or name)
-    root = Path(output_root or raw.get("output_root") or f"outputs/sweeps/{name}")
+    root = Path(output_root or raw.get("output_root") or SWEEPS_ROOT / name)
     timeout = raw.get("run_timeout_s")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ConfigError("run_timeout_s", f"must be a number > 0, got {timeout!r}")
@@ -172,9 +173,11 @@ def expand(spec: SweepSpec) -> list[Cell]:
         values = {k: dict(zip(order, combo))[k] for k in keys}
         args = {k: _cli_value(v) for k, v in {**spec.base, **values}.items()}
         cell = Cell(values=values, args=args)
-        args.update(output_dir=str(spec.output_root / cell.slug), mlflow_experiment=spec.experiment,
-                    run_name=f"{spec.name}/{cell.slug}")
-        parse_config(to_argv(args))  # raises ConfigError naming the field
+        args.update(output_dir=str(spec.output_root / cell.slug), mlflow_experiment=spec.experiment)
+        cfg = parse_config(to_argv(args))  # raises ConfigError naming the field
+        # Method first (infoprompt-minilm-rt-k64-s0), then the grid values the name does not show yet.
+        extra = [f"{k}={v}" for k, v in values.items() if k not in ("method", "seed", "k_shot")]
+        args["run_name"] = "-".join([run_name_for(cfg)] + [re.sub(r"[^A-Za-z0-9_.=]+", "_", x) for x in extra])
         cells.append(cell)
     return cells
 
@@ -186,11 +189,13 @@ def to_argv(args: dict[str, str]) -> list[str]:
 # --- MLflow side -----------------------------------------------------------------------------------------
 
 def resolve_uri(spec: SweepSpec) -> tuple[str, Optional[str]]:
-    """(tracking URI, artifact location for a new experiment). Without a server: a sqlite store in
-    output_root, the same place the trainings' default store (beside their output_dir) points to."""
+    """(tracking URI, artifact location for a new experiment): the sweep file's tracking_uri, else
+    tracking.default_store(output_root) (MLFLOW_TRACKING_URI, else <output_root>/mlflow.db). Every
+    training of the sweep gets this URI, and `compare --sweep NAME|FOLDER` finds it there."""
     if spec.tracking_uri:
         return spec.tracking_uri, None
-    return f"sqlite:///{spec.output_root / 'mlflow.db'}", (spec.output_root / "mlartifacts").as_uri()
+    store = default_store(spec.output_root)
+    return store.uri, store.artifact_location
 
 
 def sweep_runs(client, exp_id: str, name: str, role: str) -> list:
@@ -303,7 +308,8 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepResult
         for i, cell in enumerate(cells, 1):
             key = (cell.cell_id, cell.args_hash)
             if key in done:
-                result.outcomes.append(Outcome(cell, "SKIPPED", done[key]))
+                result.outcomes.append(Outcome(cell, "SKIPPED", done[key],
+                                               scores=_scores_of(Path(cell.args["output_dir"]))))
                 echo(f"[sweep] {i}/{len(cells)} skip {cell.cell_id} (finished: run {done[key]})")
                 continue
             out = Path(cell.args["output_dir"])
@@ -323,11 +329,12 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepResult
             proc = None
             seconds = time.monotonic() - t0
             run_id = _run_id_of(out) or run_id
+            scores = _scores_of(out)
             state = "FINISHED" if rc == 0 else "KILLED" if rc in (EXIT_PREEMPTED, -signal.SIGINT, -signal.SIGTERM) \
                 else "FAILED"
             if state != "FINISHED":
                 _close_stale(client, exp_id, spec, cell, state)
-            result.outcomes.append(Outcome(cell, state, run_id, seconds, rc))
+            result.outcomes.append(Outcome(cell, state, run_id, seconds, rc, scores))
             echo(f"[sweep] {i}/{len(cells)} {state.lower()} {cell.cell_id} in {seconds:.0f}s (exit {rc}, run {run_id})")
         status = "FINISHED" if result.ok else "FAILED"
     except KeyboardInterrupt:
@@ -364,10 +371,44 @@ def _run_id_of(output_dir: Path) -> Optional[str]:
         return None
 
 
-def summary(result: SweepResult) -> str:
-    lines = [f"{'status':9} {'seconds':>7}  run_id                            cell"]
+def _scores_of(output_dir: Path) -> dict[str, float]:
+    """{"best val <metric>": x, "test <metric>": y} from a finished run's metrics.json ({} otherwise)."""
+    try:
+        m = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {f"best val {k.removeprefix('best_validation_')}": v for k, v in m.items()
+           if k.startswith("best_validation_") and isinstance(v, (int, float))}
+    key = next(iter(out), "").removeprefix("best val ")
+    if key and isinstance(m.get("test"), dict) and key in m["test"]:
+        out[f"test {key}"] = m["test"][key]
+    return out
+
+
+def compare_command(spec: SweepSpec) -> str:
+    """The exact command that compares this sweep's runs: by name when output_root is the default
+    (outputs/sweeps/<name>, relative to where the sweep ran), else by folder."""
+    in_folder = resolve_uri(spec)[0] == f"sqlite:///{spec.output_root / 'mlflow.db'}"
+    default_root = spec.output_root == (SWEEPS_ROOT / spec.name).resolve()
+    cmd = ["python", "-m", "infoprompt_ds.compare", "--sweep",
+           str(spec.output_root) if in_folder and not default_root else spec.name]
+    if spec.tracking_uri and spec.tracking_uri != os.environ.get("MLFLOW_TRACKING_URI"):
+        cmd += ["--tracking_uri", spec.tracking_uri]  # a server named in the sweep file
+    return shlex.join(cmd)
+
+
+def summary(result: SweepResult, spec: Optional[SweepSpec] = None) -> str:
+    """The end-of-sweep table (status, time, scores, run name, cell) and what to run next."""
+    keys = list(dict.fromkeys(k for o in result.outcomes for k in o.scores))
+    lines = [f"{'status':9} {'seconds':>7}  " + "".join(f"{k:>18}" for k in keys) + f"  {'run name':34} cell"]
     for o in result.outcomes:
-        lines.append(f"{o.status:9} {o.seconds:7.0f}  {o.run_id or '-':32}  {o.cell.cell_id}")
+        scores = "".join(f"{o.scores[k]:18.4f}" if k in o.scores else f"{'-':>18}" for k in keys)
+        lines.append(f"{o.status:9} {o.seconds:7.0f}  {scores}  {o.cell.args.get('run_name', '-'):34} {o.cell.cell_id}")
+    if spec is not None:
+        uri, _ = resolve_uri(spec)
+        lines += ["", f"compare: {compare_command(spec)}"]
+        if uri.startswith("sqlite:///"):
+            lines.append(f"UI:      mlflow ui --backend-store-uri {uri}   (then open the link compare prints)")
     return "\n".join(lines)
 
 
@@ -389,7 +430,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         fail(e)
     if args.dry_run:
         return
-    print(summary(result))
+    print(summary(result, spec))
     sys.exit(0 if result.ok else 1)
 
 

@@ -43,7 +43,7 @@ from .internals import full_numel
 from .io import write_json_atomic
 from .metrics import check_metric, compute_metrics
 from .model import build_model, load_model_config, load_tokenizer, model_inputs
-from .tracking import Tracker
+from .tracking import Tracker, check_tracking, run_name_for, run_tags
 from .unprompted_cache import compute_unprompted
 
 MI_TERMS = ("head", "repr", "kl")  # the InfoPrompt terms the model returns besides loss and ce
@@ -102,6 +102,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     ds_raw = load_ds_config(cfg.deepspeed)
     model_config = load_model_config(cfg)
     check_output_dir(cfg)
+    check_tracking(cfg)
+    check_tracking(cfg)  # a bad MLflow store is bad input: exit 2 now, not a run without tracking
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
     if resume is not None:
         verify_checkpoint_files(resume)  # a tampered pickle is refused here, before anything is created
@@ -230,10 +232,7 @@ def setup(cfg: TrainConfig) -> Run:
         else DataCollatorWithPadding(prep.tokenizer, return_tensors="pt")
     client = load_checkpoint(engine, prep.resume) if prep.resume is not None else {}
     tracker = Tracker(enabled=prep.rank == 0)
-    run_name = cfg.run_name or f"{cfg.method}-{Path(cfg.model_name_or_path).name}-seed{cfg.seed}"
-    tags = {"method": cfg.method, "backbone": cfg.model_name_or_path,
-            "task": cfg.task or (Path(cfg.train_file).stem if cfg.train_file else cfg.dataset)}
-    tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name, client.get("mlflow_run_id"), tags,
+    tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name_for(cfg), client.get("mlflow_run_id"), run_tags(cfg),
                   system_metrics=cfg.system_metrics or None)
     meta = {"backbone": cfg.model_name_or_path, "labels": prep.data.label_names,
             "n_virtual_tokens": engine.module.n_virtual_tokens,
@@ -246,6 +245,8 @@ def setup(cfg: TrainConfig) -> Run:
               best_metric=client.get("best_metric"), best_step=client.get("best_step"),
               nonfinite_total=int(client.get("nonfinite_steps", 0)))
     if not client:  # a resumed run logged its parameters when it started
+        # resolved values (pooling, task, warmup...) first: the first value logged for a param wins
+        tracker.log_resolved(cfg, prep.data, engine.module.pooling, prep.ds_config)
         train, val, test = (prep.data.splits[k] for k in ("train", "validation", "test"))
         run.params = {**cfg.to_dict(), "world_size": prep.world, "zero_stage": zero_stage(prep.ds_config),
                       "n_train": len(train), "n_validation": len(val), "n_test": len(test),
@@ -474,6 +475,7 @@ def finish(run: Run) -> dict[str, Any]:
     if run.rank == 0:
         print("[test] " + " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()), flush=True)
         run.tracker.log_artifact(out / "export", "export")
+        run.tracker.log_best(out, result, cfg.model_name_or_path, cfg.task_type)
         write_json_atomic(out / "metrics.json", result)
         run.tracker.log_artifact(out / "metrics.json")
     run.status = "FINISHED"

@@ -42,7 +42,9 @@ def log_run(client, exp_id, k_shot, method, seed, test_acc, status="FINISHED"):
     params = {"method": method, "seed": seed, "k_shot": k_shot, "gamma": 0.1 if mi else 0.0,
               "beta": 0.2 if mi else 0.0, "kl_weight": 0.1 if mi else 0.0, "trainable_params": 900 if mi else 300,
               "learning_rate": 0.01, "metric_for_best_model": "accuracy", "output_dir": f"/o/{rid}",
-              "run_name": f"{method}-k{k_shot}-s{seed}"}
+              "run_name": f"{method}-k{k_shot}-s{seed}", "task": "rotten_tomatoes",
+              # Fields marked "identity": False in TrainConfig: they differ here, yet must not split groups.
+              "system_metrics": seed == 1, "logging_steps": 5 + seed, "unprompted_cache_dir": f"/c/{seed}"}
     client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
     best = test_acc + 0.01
     metrics = [Metric("eval/accuracy", v, T0 + step * 1000, step) for step, v in ((10, 0.6), (20, best), (30, best - 0.02))]
@@ -109,10 +111,24 @@ def test_compare_table_significance_plots_artifacts(server, logged, tmp_path):
     assert "[k_shot=256]" in text and "not significant" in text
     assert logged["failed"] in text.split("## Not included")[1] and logged["running"] in text.split("## Not included")[1]
 
-    assert sorted(p.name for p in res.plots) == ["losses__k_shot=256.png", "losses__k_shot=64.png",
-                                                 "val_accuracy__k_shot=256.png", "val_accuracy__k_shot=64.png"]
+    assert sorted(p.name for p in res.plots) == ["losses__k_shot=256.png", "losses__k_shot=256.svg",
+                                                 "losses__k_shot=64.png", "losses__k_shot=64.svg",
+                                                 "val_accuracy.png", "val_accuracy.svg"]
     for p in res.plots:
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and imread(p).shape[0] > 100
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and imread(p).shape[0] > 300
+    # Paper-grade: the SVGs keep their text, so what a reader sees can be checked.
+    val = svg_text(tmp_path / "val_accuracy.svg")
+    assert f"{EXPERIMENT} — rotten_tomatoes: validation accuracy during training" in val  # experiment + task
+    assert "optimizer step" in val and "validation accuracy (fraction correct)" in val  # axes with units
+    assert "infoprompt (n=3 seeds)" in val and "prompt (n=3 seeds)" in val  # method and n in the legend
+    assert "± 1 sample std over seeds" in val  # the band is explained
+    assert "k_shot=64" in val and "k_shot=256" in val  # one panel per cell, in one figure
+    losses = svg_text(tmp_path / "losses__k_shot=64.svg")
+    assert "total loss of infoprompt (its own objective)" in losses  # objectives that are not comparable:
+    assert "total loss of prompt (its own objective)" in losses  # each on its own panel
+    assert "classification cross-entropy" in losses and "loss (nats per example)" in losses
+    assert "L_head (InfoNCE, unweighted)" in losses and "± 1 sample std over seeds" in losses
     assert (tmp_path / "comparison.csv").read_text().startswith("method,k_shot,seeds,")
 
     client = MlflowClient(server.uri)
@@ -120,15 +136,88 @@ def test_compare_table_significance_plots_artifacts(server, logged, tmp_path):
     assert run.data.tags["infoprompt.role"] == "comparison" and run.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(res.run_id)} == {"comparison.csv", "comparison.md",
                                                                    "significance.csv", "plots"}
+    assert f"#/experiments/{run.info.experiment_id}/runs?searchFilter=" in text  # the UI link
     # A second comparison ignores the first one's run.
     again = compare(Options(experiment=EXPERIMENT, tracking_uri=server.uri, target=0.75, output_dir=tmp_path,
                             log_to_mlflow=False), echo=lambda *_: None)
     assert len(again.table) == 4 and len(again.excluded) == 2
 
 
-def test_cli_unknown_experiment_is_one_line(server):
-    r = subprocess.run([sys.executable, "-m", "infoprompt_ds.compare", "--experiment", "nope", "--tracking_uri",
-                        server.uri], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: experiment: no experiment named 'nope' at {server.uri}"]
+def svg_text(path) -> str:
+    """Every text element of a matplotlib SVG (saved with svg.fonttype=none: text stays text)."""
+    import html
+    import re
 
+    return "\n".join(html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", path.read_text()))
+
+
+def compare_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "infoprompt_ds.compare", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_unknown_experiment_is_one_line(server):
+    r = compare_cli("--experiment", "nope", "--tracking_uri", server.uri)
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"error: experiment: no experiment named 'nope' at {server.uri}; it has: ")
+
+
+def test_cli_unknown_metric_names_the_available_ones(server, logged, tmp_path):
+    r = compare_cli("--experiment", EXPERIMENT, "--tracking_uri", server.uri, "--metric", "bogus", "--no_log",
+                    "--output_dir", str(tmp_path))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: metric: no run of '{EXPERIMENT}' has test/bogus; available: accuracy"]
+
+
+def test_one_seed_shows_no_std(server, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(server.uri)
+    exp_id = client.create_experiment("one-seed")
+    for method, acc in (("infoprompt", 0.8), ("prompt", 0.7)):
+        log_run(client, exp_id, "64", method, 0, acc)
+    printed = []
+    compare(Options(experiment="one-seed", tracking_uri=server.uri, output_dir=tmp_path, log_to_mlflow=False),
+            echo=printed.append)
+    text = "\n".join(printed)
+    assert "| infoprompt | 1 | 0.8100 | 0.8000 |" in text and "±" not in text.split("| method")[1].split("## Significance")[0]
+    assert "infoprompt (n=1 seed)" in svg_text(tmp_path / "val_accuracy.svg")
+
+
+def test_compare_finds_a_sweep_store_by_name_or_folder_with_no_other_flag(tmp_path):
+    """What a sweep without a server leaves: <output_root>/mlflow.db with a parent run and its children.
+    `compare --sweep NAME` (from where the sweep ran: outputs/sweeps/NAME) and `compare --sweep FOLDER`
+    find the store, the experiment and the sweep by themselves."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from infoprompt_ds.tracking import default_store
+
+    root = tmp_path / "outputs" / "sweeps" / "tiny"
+    root.mkdir(parents=True)
+    client = MlflowClient(default_store(root).uri)
+    exp_id = client.create_experiment("tiny-exp")
+    parent = client.create_run(exp_id, tags={"sweep.role": "parent", "sweep.name": "tiny"}, run_name="tiny")
+    for method, accs in (("infoprompt", [0.8, 0.9]), ("prompt", [0.7, 0.75])):
+        for seed, acc in enumerate(accs):
+            rid = log_run(client, exp_id, "64", method, seed, acc)
+            client.set_tag(rid, "sweep.name", "tiny")
+            client.set_tag(rid, "sweep.role", "child")
+            client.set_tag(rid, "mlflow.parentRunId", parent.info.run_id)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(ROOT)
+    for where, cwd in (("tiny", tmp_path), (str(root), ROOT)):
+        r = subprocess.run([sys.executable, "-m", "infoprompt_ds.compare", "--sweep", where, "--no_log",
+                            "--output_dir", str(tmp_path / "cmp")], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "# tiny-exp: 4 finished runs (sweep tiny)" in r.stdout
+        assert "| infoprompt | 2 |" in r.stdout and "| prompt | 2 |" in r.stdout
+        assert "searchFilter=tags.%60sweep.name%60%20%3D%20%27tiny%27" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "infoprompt_ds.compare", "--sweep", "nope"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: sweep: no sweep store at outputs/sweeps/nope/mlflow.db; pass the sweep's name (run where the sweep "
+        "ran) or its output_root folder, or --tracking_uri"]

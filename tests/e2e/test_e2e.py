@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 def mlflow_client(out: Path):
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
 
 
 def assert_ok(proc: subprocess.CompletedProcess):
@@ -154,7 +154,7 @@ def test_graceful_stop_saves_and_resumes(tmp_path, tiny_bert, sentiment_files):
     os.kill(proc.pid, signal.SIGUSR1)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, log[-3000:]
-    assert (out.parent / "mlflow.db").exists(), log[-3000:]
+    assert (out / "mlflow.db").exists(), log[-3000:]
     assert not (out / "metrics.json").exists()
     ckpts = list((out / "checkpoints").glob("step*"))
     assert len(ckpts) == 1

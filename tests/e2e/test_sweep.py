@@ -4,9 +4,12 @@ back from MLflow, and a rerun that skips the finished runs and redoes only the i
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -62,6 +65,13 @@ def test_sweep_compare_and_rerun(server, tiny_bert, sentiment_files, tmp_path):
     cfg = write_sweep(tmp_path / "sweep.yaml", tiny_bert, sentiment_files, tmp_path / "runs", server.uri)
     r = run_module("infoprompt_ds.sweep", ["--config", cfg])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # The end-of-sweep table shows each run's scores and method-first name, then the exact next command.
+    rows = [line for line in r.stdout.splitlines() if line.startswith("FINISHED")]
+    assert len(rows) == 4 and all(len(re.findall(r"\b[01]\.\d{4}\b", line)) == 2 for line in rows), r.stdout
+    assert "best val accuracy" in r.stdout and "test accuracy" in r.stdout
+    assert any("infoprompt-tiny-train-full-s1" in line for line in rows)
+    printed = r.stdout.split("compare: ", 1)[1].splitlines()[0]
+    assert printed == f"python -m infoprompt_ds.compare --sweep tiny --tracking_uri {server.uri}"
 
     client = MlflowClient(server.uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
@@ -80,6 +90,8 @@ def test_sweep_compare_and_rerun(server, tiny_bert, sentiment_files, tmp_path):
         assert [m.step for m in client.get_metric_history(x.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
         assert [m.step for m in client.get_metric_history(x.info.run_id, "eval/accuracy")] == [2, 4, 6]
         assert "test/accuracy" in x.data.metrics
+        assert x.info.run_name.startswith(x.data.tags["grid.method"] + "-tiny-")  # method first in the UI
+        assert x.data.tags["seed"] == x.data.tags["grid.seed"] and x.data.tags.get("mlflow.source.git.commit")
 
     # An interrupted cell: killed before its first checkpoint, its run never finished. The rerun skips the
     # other three and redoes this one from scratch, as a new run (a cell with a checkpoint would resume it).
@@ -93,16 +105,18 @@ def test_sweep_compare_and_rerun(server, tiny_bert, sentiment_files, tmp_path):
     assert len(children(client, "FINISHED")) == 4 and len(children(client)) == 5
 
     out = tmp_path / "compare"
-    r = run_module("infoprompt_ds.compare", ["--experiment", EXPERIMENT, "--tracking_uri", server.uri,
-                                             "--sweep", "tiny", "--output_dir", str(out), "--target", "0.5"])
+    t0 = time.monotonic()  # the command the sweep printed, as printed (+ where to write, and the target)
+    r = run_module("infoprompt_ds.compare", shlex.split(printed)[3:] + ["--output_dir", str(out), "--target", "0.5"])
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    print(f"[timing] end of sweep -> rendered comparison (2 methods x 2 seeds): {time.monotonic() - t0:.1f} s")
     table = [line for line in r.stdout.splitlines() if line.startswith("| infoprompt") or line.startswith("| prompt")]
     assert len(table) == 2 and all("±" in line and "| 2 |" in line for line in table), r.stdout
     assert "infoprompt vs prompt: test accuracy difference" in r.stdout and "over 2 paired seeds" in r.stdout
     assert victim.info.run_id in r.stdout.split("## Not included")[1]  # the failed run is listed, not averaged
 
     pngs = sorted(out.glob("*.png"))
-    assert {p.name for p in pngs} == {"val_accuracy__all.png", "losses__all.png"}
+    assert {p.name for p in pngs} == {"val_accuracy.png", "losses__all.png"}
+    assert {p.name for p in out.glob("*.svg")} == {"val_accuracy.svg", "losses__all.svg"}
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert imread(p).ndim == 3
@@ -111,4 +125,5 @@ def test_sweep_compare_and_rerun(server, tiny_bert, sentiment_files, tmp_path):
     logged = {a.path for a in client.list_artifacts(comparisons[0].info.run_id)}
     assert {"comparison.csv", "comparison.md", "significance.csv", "plots"} <= logged
     plots = {a.path for a in client.list_artifacts(comparisons[0].info.run_id, "plots")}
-    assert plots == {"plots/val_accuracy__all.png", "plots/losses__all.png"}
+    assert plots == {"plots/val_accuracy.png", "plots/losses__all.png", "plots/val_accuracy.svg",
+                     "plots/losses__all.svg"}

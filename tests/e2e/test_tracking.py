@@ -168,6 +168,8 @@ def test_two_ranks_server_killed_mid_run_then_resume_same_run(server, tiny_bert,
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+
+
 PARALLEL_RUN = """
 import sys, time
 from infoprompt_ds.tracking import Tracker
@@ -187,7 +189,8 @@ def test_parallel_runs_on_a_fresh_sqlite_store_all_land(tmp_path):
     from mlflow import MlflowClient
 
     n, start_at = 4, time.time() + 8  # past the imports of every process
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # default store: beside the runs
+    # One fresh sqlite store shared by all four (as a sweep's store is shared by its trainings).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     procs = [subprocess.Popen([sys.executable, "-c", PARALLEL_RUN, str(tmp_path / f"run{i}"), str(start_at)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(n)]
@@ -200,3 +203,54 @@ def test_parallel_runs_on_a_fresh_sqlite_store_all_land(tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all(steps(client, r.info.run_id, "train/loss") == [1, 2, 3] for r in runs)
 
+
+@pytest.mark.e2e
+def test_training_run_is_complete_in_mlflow(server, tiny_bert, sentiment_files, tmp_path, monkeypatch):
+    """One real training against the real server: the run carries the standard MLflow tags (source,
+    user, git commit), a seed tag, package versions, a method-first name, the resolved value of every
+    `auto` param, its three data splits as dataset inputs (digest + size), best_step and the best
+    validation value as metrics, the best/ weights, and a pyfunc model that turns texts into labels."""
+    import json
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from conftest import run_cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    out = tmp_path / "run"
+    r = run_cli(tiny_args(tiny_bert, sentiment_files, out, max_steps=6, eval_steps=2, seed=3,
+                          mlflow_experiment="complete", method="infoprompt"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads((out / "metrics.json").read_text())
+    client = MlflowClient(server.uri)
+    run = client.get_run(result["mlflow_run_id"])
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    assert run.info.run_name == "infoprompt-tiny-train-full-s3"
+    for key in ("mlflow.source.name", "mlflow.source.git.commit", "mlflow.user", "mlflow.source.type"):
+        assert tags.get(key), f"tag {key} missing: {sorted(tags)}"
+    assert tags["mlflow.source.name"].endswith("train.py")
+    assert tags["seed"] == "3" and tags["method"] == "infoprompt" and tags["task"] == "train"
+    assert tags["version.torch"] and tags["version.mlflow"] == mlflow.__version__
+    # Resolved values, not the config's `auto`/None.
+    assert params["pooling"] == "cls" and params["task_type"] == "classification" and params["task"] == "train"
+    assert params["metric_for_best_model"] == "accuracy" and params["warmup_steps"] == "1"  # ceil(0.06 * 6)
+    assert params["labels"] == str(["neg", "pos"])
+    # Data as dataset inputs: a digest and a size per split.
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation", "test"}
+    assert json.loads(inputs["train"].profile)["num_rows"] == 64 and len(inputs["train"].digest) == 16
+    assert len({d.digest for d in inputs.values()}) == 3
+    # The weights behind the test metrics.
+    assert metrics["best_step"] == result["best_step"]
+    assert metrics["best_validation_accuracy"] == pytest.approx(result["best_validation_accuracy"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"best", "export", "metrics.json"}
+    best_files = {a.path for a in client.list_artifacts(run.info.run_id, "best")}
+    assert "best/infoprompt.safetensors" in best_files
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert model.metadata.signature is not None
+    labels = model.predict(["a good great movie", "a bad awful film"])
+    assert len(labels) == 2 and set(labels) <= {"neg", "pos"}
+    from infoprompt_ds.predict import Predictor
+
+    assert list(labels) == Predictor.load(str(out / "best")).predict(["a good great movie", "a bad awful film"])

@@ -102,7 +102,7 @@ def test_second_seed_hits_the_overlap_and_matches_a_fresh_forward(first_run, tin
     import mlflow
 
     run_id = json.loads((out / "metrics.json").read_text())["mlflow_run_id"]
-    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_run(run_id)
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").get_run(run_id)
     assert run.data.metrics["train/unprompted_cache_hits"] == hits
     assert run.data.tags["unprompted_cache.key"] == path.stem
     assert run.data.params["unprompted_cache_dir"] == str(cache)

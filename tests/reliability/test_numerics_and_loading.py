@@ -55,7 +55,7 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run(diverged):
     assert not (out / "metrics.json").exists() and not (out / "export").exists()  # nothing looks finished
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("rel-numerics").experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.metrics["train/nonfinite_steps"] == MAX_NONFINITE

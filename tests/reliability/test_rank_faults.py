@@ -61,7 +61,7 @@ def run_to_end(cmd, log: Path, timeout: float = 900) -> int:
 def mlflow_runs(out: Path, experiment: str):
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id]) if exp else []
 
