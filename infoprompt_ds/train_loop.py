@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import socket
 import time
@@ -60,15 +59,18 @@ class TrainingDiverged(Exception):
 
 
 class _StopFlag:
-    """SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit) only set a flag; the loop
-    finishes the step it is in, agrees with the other ranks, saves, and exits with EXIT_PREEMPTED."""
+    """SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit), SIGINT (Ctrl-C) and SIGHUP
+    (the terminal closed) only set a flag; the loop finishes the step it is in, agrees with the other ranks,
+    saves, and exits with EXIT_PREEMPTED. A second Ctrl-C aborts at once (KeyboardInterrupt, no save)."""
 
     def __init__(self):
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signum = signum
 
 
@@ -87,6 +89,10 @@ def check_output_dir(cfg: TrainConfig) -> None:
                           f"--resume_from_checkpoint latest, or another output_dir")
     if out.exists() and not out.is_dir():
         raise ConfigError("output_dir", f"{out} exists and is not a folder")
+    from . import outdir, preflight
+
+    preflight.check_output_dir_path(cfg)
+    outdir.check_output_dir_state(cfg)  # a folder in use, or holding another run / files not ours
 
 
 def prepare(cfg: TrainConfig) -> dict[str, Any]:
@@ -95,8 +101,13 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
     from .data import prepare_data
     from .model import load_model_config, load_tokenizer
 
+    from . import outdir, preflight
+
+    preflight.check_launcher_env()
     rank, local_rank, world = config_from_env_rank()
     ds_raw = load_ds_config(cfg.deepspeed)
+    preflight.check_precision_and_devices(cfg, ds_raw)
+    preflight.check_model_path(cfg)
     model_config = load_model_config(cfg)
     check_output_dir(cfg)
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
@@ -105,7 +116,13 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
 
         verify_checkpoint_files(resume)  # a tampered pickle is refused here, before anything is created
     tokenizer = load_tokenizer(cfg)
+    preflight.check_tokenizer(cfg, tokenizer)
     data = prepare_data(cfg, tokenizer)
+    preflight.check_label_words(cfg, tokenizer, data.label_names)
+    preflight.check_validation_labels(cfg, data)
+    identity = outdir.run_identity(cfg, data, model_config, world, zero_stage(ds_raw), resume)
+    if resume is not None:
+        outdir.check_resume(resume, identity)  # before any weight: refuse another run's checkpoint
     from .metrics import check_metric
 
     problem = check_metric(cfg.task_type, cfg.metric_for_best_model, len(data.label_names))
@@ -113,9 +130,10 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError("metric_for_best_model", problem)
     micro_per_epoch, total_steps = plan_steps(cfg, len(data.splits["train"]), world)
     ds_config = fill_ds_config(ds_raw, cfg, world, total_steps, model_config.hidden_size)
+    lock = outdir.lock_output_dir(cfg, rank)  # last: held until the process ends
     return dict(rank=rank, local_rank=local_rank, world=world, model_config=model_config, tokenizer=tokenizer,
                 data=data, micro_per_epoch=micro_per_epoch, total_steps=total_steps, ds_config=ds_config,
-                resume=resume)
+                resume=resume, identity=identity, lock=lock)
 
 
 # --- distributed helpers --------------------------------------------------------------------------
@@ -321,6 +339,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     accel = get_accelerator()
     on_gpu = accel.device_name() != "cpu"
     stop = _StopFlag()
+    from .process_group import init_process_group  # a store on loopback/in memory, not on every interface
+
+    init_process_group("nccl" if on_gpu else "gloo", timedelta(minutes=cfg.dist_timeout_minutes))
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     if on_gpu:
@@ -330,10 +351,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     out = Path(cfg.output_dir)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-            for stale in ("metrics.json", "export", "best"):
-                shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # (--overwrite_output_dir: cleared by outdir.lock_output_dir)
         write_json_atomic(out / "config.json", cfg.to_dict())
         write_json_atomic(out / "ds_config.json", ds_config)
 
@@ -399,12 +417,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         def checkpoint(step: int):
             save_checkpoint(engine, cfg.output_dir, step, {"global_step": step, "mlflow_run_id": tracker.run_id,
                             "best_metric": best["metric"], "best_step": best["step"],
-                            "nonfinite_steps": nonfinite["total"]}, cfg.save_total_limit, rank)
+                            "nonfinite_steps": nonfinite["total"]}, cfg.save_total_limit, rank, ctx["identity"])
 
         # Non-finite losses/gradients: counted in total (train/nonfinite_steps) and in a row; only an applied
         # optimizer update ends a streak. While a streak runs no checkpoint is saved (none could displace the
         # last good one), and max_nonfinite_steps in a row stop the run (TrainingDiverged, exit code 3).
         nonfinite = {"total": int(client.get("nonfinite_steps", 0)), "row": 0}
+        from .loss_guard import LossGuard
+
+        guard = LossGuard()
         warned: set[str] = set()
 
         def count_nonfinite(what: str, step: int):
@@ -420,7 +441,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 done = complete_checkpoints(checkpoint_root(cfg.output_dir))
                 bar.close()  # the error line must not land on the progress bar's line
                 raise TrainingDiverged(
-                    f"training diverged: {nonfinite['row']} non-finite steps in a row (last: {what} at optimizer "
+                    f"training diverged: {nonfinite['row']} non-finite or exploded steps in a row (last: {what} at optimizer "
                     f"step {step}; max_nonfinite_steps={cfg.max_nonfinite_steps}); last good checkpoint: "
                     f"{done[-1] if done else 'none'}; lower learning_rate or check the data, then resume with "
                     f"--resume_from_checkpoint latest")
@@ -453,7 +474,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             micro += 1
             # A NaN/inf loss on any rank skips this micro-batch on every rank (they must agree, or ZeRO's
             # collectives would deadlock): no backward, no update; the data stream still moves on.
-            finite = torch.tensor([float(torch.isfinite(result["loss"].detach()).all())])
+            finite = torch.tensor([float(guard.ok(result["loss"].item()))])  # NaN/inf or exploded
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if not finite.item():
                 retrace_zero3(engine)  # this forward had no backward: start a fresh ZeRO-3 fetch trace
