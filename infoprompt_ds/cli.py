@@ -15,7 +15,8 @@ EXIT_BAD_INPUT = 2
 
 
 def _fail(e: Exception) -> None:
-    if os.environ.get("RANK", "0") == "0":  # one line for the job, not one per rank
+    # one line for the job, not one per rank (a stray RANK without WORLD_SIZE is no job: say it)
+    if os.environ.get("RANK", "0") == "0" or "WORLD_SIZE" not in os.environ:
         print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_BAD_INPUT)
 

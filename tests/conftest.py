@@ -119,3 +119,12 @@ def run_cli(args: list[str], launcher: list[str] | None = None, env: dict | None
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py")] + args
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each test's outcome, visible to its fixtures (request.node.rep_call): tests/reliability counts
+    the cases that passed for docs/reliability.md."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
