@@ -191,6 +191,9 @@ def verify_checkpoint_files(tag_dir: Path) -> None:
     tag_dir = Path(tag_dir)
     allowed = _safe_globals()
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES):
+        if path.stat().st_size == 0:
+            raise ConfigError("resume_from_checkpoint", f"{path} is empty (0 bytes): a shard cut short or emptied; "
+                              f"resume from another checkpoint folder")
         try:
             with torch.serialization.safe_globals(allowed):
                 torch.load(path, map_location="cpu", weights_only=True)

@@ -29,7 +29,7 @@ LOCK = ".infoprompt.lock"
 STATE = ("metrics.json", "config.json", "ds_config.json", "export", "best", "checkpoints")
 # What an export folder may hold: ours, plus a PEFT-format adapter and its card written beside it.
 EXPORT_FILES = re.compile(r"infoprompt\.safetensors|infoprompt_config\.json|adapter_.*|README\.md")
-CHECKPOINT_ENTRIES = re.compile(r"latest|\.latest\.tmp\d+|step\d+")
+CHECKPOINT_ENTRIES = re.compile(r"latest|\.latest\.tmp\d+|step\d+|zero_to_\w+\.py")  # DeepSpeed adds its converters
 
 
 def _state(out: Path) -> list[str]:
