@@ -157,10 +157,12 @@ def check_label_words(cfg: TrainConfig, tokenizer, names: list[str]) -> None:
             raise ConfigError("label_words", f"the word for label {name!r} is empty; give a word, e.g. {name}=good")
         if unk is not None and all(i == unk for i in ids):
             unknown.append(f"{name}={word}")
+    # A warning, not an error: a preset's words (yes/no, good/bad) may be missing from a small vocabulary,
+    # and the head still trains from identical rows; the user should know its init means nothing.
     if unknown and len(unknown) == len(names):
-        raise ConfigError("label_words", f"every label word is unknown to the tokenizer ({', '.join(unknown)} are "
-                          f"all [UNK]): every class would start from the same head row; use words of its vocabulary")
-    if unknown:
+        print(f"warning: label_words: every label word is unknown to the tokenizer ({', '.join(unknown)} are all "
+              f"[UNK]): every class starts from the same head row; use words of its vocabulary", flush=True)
+    elif unknown:
         print(f"warning: label_words: {', '.join(unknown)} unknown to the tokenizer ([UNK]); those classes start "
               f"from the [UNK] embedding", flush=True)
 
