@@ -5,8 +5,9 @@ interface (`*:MASTER_PORT`), even for a one-process run, and the store has no au
 can reach the port can join or disturb the job. Here instead:
 
 * one process (WORLD_SIZE=1): an in-memory HashStore, no store socket at all;
-* every rank on this host (MASTER_ADDR is a loopback address, which the deepspeed launcher and torchrun
-  use for single-node jobs): the store listens on 127.0.0.1 only, and gloo/NCCL use the loopback interface;
+* every rank on this host (MASTER_ADDR is a loopback address, as the deepspeed launcher and torchrun set
+  for single-node jobs, or LOCAL_WORLD_SIZE equals WORLD_SIZE, as in a one-node SLURM job): the store
+  listens on 127.0.0.1 only, and gloo/NCCL use the loopback interface;
 * several nodes: the store listens only on MASTER_ADDR's own address (not every interface). It is still
   reachable from that network: see docs/slurm.md ("Network exposure") for how to restrict it.
 
@@ -60,6 +61,9 @@ def init_process_group(backend: str, timeout: timedelta) -> None:
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    local_world = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")  # torchrun/srun | deepspeed
+    if local_world and int(local_world) == world:
+        master = "127.0.0.1"  # every rank is on this host (each one sees this): no need to reach the network
     if world == 1 or _is_loopback(master):
         # The data-plane sockets of gloo/NCCL too: by default gloo binds the address the host name resolves to.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_ifname())

@@ -157,4 +157,6 @@ def assert_refused(argv: list[str], field: str, needle: str = "", env: dict | No
 def record_case(request, item: str) -> None:
     """From an autouse fixture after its yield: one case tried, clean when its test body passed."""
     rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.skipped:  # not tried here (e.g. a read-only folder cannot stop root)
+        return
     record(item, case=request.node.name, tried=1, clean=int(bool(rep and rep.passed)))
