@@ -70,7 +70,9 @@ def check_output_dir_state(cfg: TrainConfig) -> None:
     """Pre-flight, writes nothing: the folder is free, and it holds no run this one would silently mix with
     or destroy."""
     out = Path(cfg.output_dir)
-    if not out.is_dir():
+    # Rank 0 alone: it takes the lock (and may clear an overwritten run) while the other ranks are still in
+    # pre-flight; they would see their own job's lock. Its refusal ends the job (the launcher stops the rest).
+    if not out.is_dir() or int(os.environ.get("RANK", 0)) != 0:
         return
     _probe_lock(out)
     state = _state(out)

@@ -20,6 +20,11 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model
                    "sentencepiece.bpe.model", "sentencepiece.model")
 
 
+def _warn(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # one line for the job, not one per rank
+        print(f"warning: {message}", flush=True)
+
+
 def check_launcher_env() -> None:
     """A stray RANK or WORLD_SIZE left in the shell (without a launcher's other variables) used to end in
     DeepSpeed's MPI discovery and an mpi4py traceback."""
@@ -160,11 +165,11 @@ def check_label_words(cfg: TrainConfig, tokenizer, names: list[str]) -> None:
     # A warning, not an error: a preset's words (yes/no, good/bad) may be missing from a small vocabulary,
     # and the head still trains from identical rows; the user should know its init means nothing.
     if unknown and len(unknown) == len(names):
-        print(f"warning: label_words: every label word is unknown to the tokenizer ({', '.join(unknown)} are all "
-              f"[UNK]): every class starts from the same head row; use words of its vocabulary", flush=True)
+        _warn(f"label_words: every label word is unknown to the tokenizer ({', '.join(unknown)} are all "
+              f"[UNK]): every class starts from the same head row; use words of its vocabulary")
     elif unknown:
-        print(f"warning: label_words: {', '.join(unknown)} unknown to the tokenizer ([UNK]); those classes start "
-              f"from the [UNK] embedding", flush=True)
+        _warn(f"label_words: {', '.join(unknown)} unknown to the tokenizer ([UNK]); those classes start "
+              f"from the [UNK] embedding")
 
 
 def check_validation_labels(cfg: TrainConfig, data) -> None:
@@ -173,6 +178,6 @@ def check_validation_labels(cfg: TrainConfig, data) -> None:
         return
     classes = set(data.splits["validation"]["labels"])
     if len(classes) < 2 and cfg.metric_for_best_model in ("mcc", "f1", "macro_f1"):
-        print(f"warning: metric_for_best_model: the validation split holds one class only "
+        _warn(f"metric_for_best_model: the validation split holds one class only "
               f"({data.label_names[next(iter(classes))]!r}), so {cfg.metric_for_best_model} is constant and picks "
-              f"no best model; give a validation_file with every class or use accuracy", flush=True)
+              f"no best model; give a validation_file with every class or use accuracy")
