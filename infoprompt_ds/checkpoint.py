@@ -55,12 +55,24 @@ def checkpoint_root(output_dir: str) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def read_marker(tag_dir: Path) -> dict[str, Any] | None:
+    """The completion marker, or None when it is missing or malformed (hand-edited, truncated, another
+    program's): such a folder is not a complete checkpoint, and must never crash a save or a resume."""
+    try:
+        marker = json.loads((Path(tag_dir) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(marker, dict) and isinstance(marker.get("global_step"), int) \
+        and isinstance(marker.get("run", {}), dict)
+    return marker if ok else None
+
+
 def is_complete(tag_dir: Path) -> bool:
-    return (tag_dir / MARKER).is_file()
+    return read_marker(tag_dir) is not None
 
 
 def _step(tag_dir: Path) -> int:
-    return json.loads((tag_dir / MARKER).read_text())["global_step"]
+    return read_marker(tag_dir)["global_step"]
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -76,7 +88,12 @@ def resolve_checkpoint(spec: str, output_dir: str) -> Path:
         root = checkpoint_root(output_dir)
         latest = root / "latest"
         if latest.is_file():
-            named = root / latest.read_text().strip()
+            name = latest.read_text().strip()
+            named = root / name
+            # `latest` names a folder of this checkpoints folder, never a path elsewhere (another run's)
+            if "/" in name or "\\" in name or name in ("", ".", "..") or named.resolve().parent != root.resolve():
+                raise ConfigError("resume_from_checkpoint", f"{latest} names {name!r}, which is not a checkpoint "
+                                  f"folder inside {root}; delete {latest} to resume from the newest complete one")
             if is_complete(named):
                 return named
         done = complete_checkpoints(root)
@@ -91,8 +108,9 @@ def resolve_checkpoint(spec: str, output_dir: str) -> Path:
 
 
 def save_checkpoint(engine, output_dir: str, step: int, client_state: dict[str, Any], keep: int,
-                    rank: int) -> Path:
-    """Collective: every rank calls it. Frozen backbone weights are excluded."""
+                    rank: int, identity: dict[str, Any] | None = None) -> Path:
+    """Collective: every rank calls it. Frozen backbone weights are excluded. `identity` (outdir.run_identity)
+    goes into the marker: a resume checks it, and only this run's own checkpoints count towards `keep`."""
     import torch.distributed as dist
 
     root = checkpoint_root(output_dir)
@@ -105,9 +123,11 @@ def save_checkpoint(engine, output_dir: str, step: int, client_state: dict[str, 
                            exclude_frozen_parameters=True)
     dist.barrier()  # every rank's shard is on disk before the marker says so
     if rank == 0:
-        write_json_atomic(root / tag / MARKER, {"global_step": step})
+        write_json_atomic(root / tag / MARKER, {"global_step": step, **({"run": identity} if identity else {})})
         write_text_atomic(root / "latest", tag)
-        for old in complete_checkpoints(root)[:-keep]:
+        uid = (identity or {}).get("run_uid")
+        own = [d for d in complete_checkpoints(root) if (read_marker(d) or {}).get("run", {}).get("run_uid") == uid]
+        for old in own[:-keep]:
             (old / MARKER).unlink(missing_ok=True)  # first: a deletion killed half-way leaves no "complete" folder
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -125,6 +145,9 @@ def verify_checkpoint_files(tag_dir: Path) -> None:
     tag_dir = Path(tag_dir)
     allowed = deepspeed_safe_globals()
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES):
+        if path.stat().st_size == 0:
+            raise ConfigError("resume_from_checkpoint", f"{path} is empty (0 bytes): a shard cut short or emptied; "
+                              f"resume from another checkpoint folder")
         try:
             with torch.serialization.safe_globals(allowed):
                 torch.load(path, map_location="cpu", weights_only=True)

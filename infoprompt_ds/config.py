@@ -162,6 +162,10 @@ class TrainConfig:
     local_rank: int = field(default=-1, metadata={"identity": False, "help": "Set by the deepspeed launcher; ignored (LOCAL_RANK is read)."})
 
     def __post_init__(self):
+        for name in ("output_dir", "train_file", "validation_file", "test_file", "deepspeed", "model_name_or_path",
+                     "resume_from_checkpoint", "unprompted_cache_dir", "dataset"):  # `~/x` in a YAML/JSON file
+            if isinstance(getattr(self, name), str) and getattr(self, name).startswith("~"):
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
         _check_choice("method", self.method, ("infoprompt", "prompt", "probe"))
         _check_choice("prompt_init", self.prompt_init, ("random", "vocab", "text", "labels"))
         _check_choice("pooling", self.pooling, ("auto", "cls", "last", "mean"))
@@ -204,7 +208,7 @@ class TrainConfig:
         if not 0 <= self.validation_fraction < 1 or not 0 <= self.test_fraction < 1 \
                 or self.validation_fraction + self.test_fraction >= 1:
             raise ConfigError("validation_fraction", "validation_fraction + test_fraction must be in [0, 1)")
-        if self.prompt_init == "text" and not self.prompt_init_text:
+        if self.prompt_init == "text" and not (self.prompt_init_text or "").strip():
             raise ConfigError("prompt_init_text", "is required when prompt_init=text")
         if self.prompt_init == "labels" and not self.label_words:
             raise ConfigError("label_words", "is required when prompt_init=labels (e.g. --label_words fresh=good,rotten=bad)")
@@ -311,14 +315,12 @@ def load_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError("config", f"file not found: {path}")
-    try:
-        text = p.read_text(encoding="utf-8")
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+    from .strict_load import LOADERS
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+    if p.suffix.lower() not in LOADERS:
+        raise ConfigError("config", f"{path}: unknown format {p.suffix or '(no suffix)'}; use .yaml, .yml, .json or .toml")
+    try:
+        data = LOADERS[p.suffix.lower()](p.read_text(encoding="utf-8"))
     except Exception as e:  # yaml/json/unicode errors all mean the same thing to the user
         raise ConfigError("config", f"{path} is not valid {p.suffix.lstrip('.') or 'JSON'}: {str(e).splitlines()[0]}")
     if data is None:

@@ -16,6 +16,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Sequence, load_dataset
 
 from .config import ConfigError, TrainConfig, one_line
+from .data_checks import check_classification_file, check_label_forms, root_cause
 from .tasks import NO_RELATION, PRESETS, normalise_file
 
 LOCAL_FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
@@ -75,15 +76,22 @@ def _load_local(files: dict[str, str], cfg: TrainConfig) -> DatasetDict:
         paths[split_name] = normalise_file(f, cfg.task_type, field_name, cfg.entity_markers, cfg.strict_bio, cfg.labels)
         if Path(paths[split_name]).suffix.lower() not in LOCAL_FORMATS:
             raise ConfigError(field_name, f"{f}: unsupported format for {cfg.task_type}; use csv, tsv, json or jsonl")
+        if cfg.task_type == "classification":  # name, line and cause of a bad file, before `datasets` reads it
+            check_classification_file(paths[split_name], field_name, list(_columns(cfg)))
     formats = {str(LOCAL_FORMATS[Path(p).suffix.lower()]) for p in paths.values()}
     if len(formats) > 1:
         raise ConfigError("train_file", "train/validation/test files must share one format")
     builder, kwargs = LOCAL_FORMATS[Path(next(iter(paths.values()))).suffix.lower()]
-    try:
-        return load_dataset(builder, data_files=paths, **kwargs)
-    except Exception as e:  # pyarrow/pandas parse errors: name the file, keep one line
-        raise ConfigError(next(iter(files.values()))[0], f"could not read {', '.join(f for _, f in files.values())}: "
-                          f"{one_line(e)}")
+    parts = {}
+    for split_name, path in paths.items():  # one split at a time: their column types may differ (ids/names)
+        try:
+            parts[split_name] = load_dataset(builder, data_files={split_name: path}, **kwargs)[split_name]
+        except Exception as e:  # pyarrow/pandas parse errors: name the file and the cause, keep one line
+            field_name, f = files[split_name]
+            raise ConfigError(field_name, f"could not read {f}: {one_line(root_cause(e))}")
+    if cfg.task_type == "classification":
+        check_label_forms(parts, files, cfg.label_column, cfg.labels)
+    return DatasetDict(parts)
 
 
 def load_raw(cfg: TrainConfig) -> DatasetDict:
@@ -122,6 +130,10 @@ def split(raw: DatasetDict, cfg: TrainConfig) -> DatasetDict:
         raise ConfigError("dataset", f"has no train split (splits: {', '.join(raw)})")
     train = raw["train"]
     out = {}
+    carve = ("test" not in raw) + ("validation" not in raw)
+    if carve and len(train) < carve + 1:  # train_test_split would raise a bare ValueError
+        raise ConfigError("train_file" if cfg.train_file else "dataset", f"the train split has {len(train)} row(s): "
+                          f"too few to carve validation/test from; add rows or give validation_file and test_file")
     if "test" not in raw:
         if cfg.test_fraction <= 0:
             raise ConfigError("test_fraction", "dataset has no test split; set test_fraction > 0 or give test_file")

@@ -30,7 +30,8 @@ class TrainingDiverged(Exception):
 def fail(message: object, code: int = EXIT_BAD_INPUT, *, rank0_only: bool = False) -> NoReturn:
     """Print `error: <message>` on stderr and exit with `code`. rank0_only (training): one line for the
     job, not one per rank."""
-    if not rank0_only or os.environ.get("RANK", "0") == "0":
+    # a stray RANK without WORLD_SIZE is no job: say it on every process
+    if not rank0_only or os.environ.get("RANK", "0") == "0" or "WORLD_SIZE" not in os.environ:
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 

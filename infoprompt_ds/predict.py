@@ -31,6 +31,7 @@ class Predictor:
     @classmethod
     def load(cls, export_dir: str, model_name_or_path: Optional[str] = None, device: Optional[str] = None):
         tensors, meta = load_export(export_dir)
+        check_export(export_dir, tensors, meta)  # a hand-edited export: one line, before the backbone loads
         # Only what prediction needs: vanilla mode builds no estimator networks.
         cfg = TrainConfig(model_name_or_path=model_name_or_path or meta["backbone"],
                           method="probe" if meta["method"] == "probe" else "prompt",
@@ -40,6 +41,7 @@ class Predictor:
         from transformers import AutoModel
 
         model_config = load_model_config(cfg)
+        check_export(export_dir, tensors, meta, model_config.hidden_size, cfg.model_name_or_path)
         backbone = AutoModel.from_pretrained(resolve_model_path(cfg.model_name_or_path), config=model_config)
         model = InfoPromptModel(backbone, len(meta["labels"]), meta["pooling"], cfg)
         wanted = {k: v for k, v in tensors.items() if k.startswith(("prompt.", "head."))}
@@ -75,6 +77,66 @@ class Predictor:
         return out
 
 
+REQUIRED_META = {"backbone": str, "labels": list, "n_virtual_tokens": int, "pooling": str, "max_length": int,
+                 "method": str}
+
+
+def check_export(export_dir, tensors: dict, meta: dict, hidden: Optional[int] = None,
+                 backbone: Optional[str] = None) -> None:
+    """The export's JSON and tensors agree with each other (and with the backbone's width, when given)."""
+    where = f"{export_dir}/infoprompt_config.json"
+    if not isinstance(meta, dict):
+        raise ConfigError("export", f"{where} must hold a JSON object")
+    for key, tp in REQUIRED_META.items():
+        if key not in meta:
+            raise ConfigError("export", f"{where} lacks {key!r}; re-export the run (it is written by training)")
+        if not isinstance(meta[key], tp) or isinstance(meta[key], bool):
+            raise ConfigError("export", f"{where}: {key} must be a {tp.__name__}, got {meta[key]!r}")
+    labels = meta["labels"]
+    if not labels or not all(isinstance(x, str) for x in labels):
+        raise ConfigError("export", f"{where}: labels must be a non-empty list of names, got {labels!r}")
+    head = tensors.get("head.weight")
+    if head is None or head.dim() != 2:
+        raise ConfigError("export", f"{export_dir} has no head.weight matrix")
+    if head.shape[0] != len(labels):
+        raise ConfigError("export", f"{where} lists {len(labels)} labels but head.weight has {head.shape[0]} rows")
+    prompt = tensors.get("prompt.weight")
+    if meta["method"] != "probe":
+        if prompt is None or prompt.dim() != 2 or prompt.shape[0] != meta["n_virtual_tokens"]:
+            raise ConfigError("export", f"{where} says n_virtual_tokens={meta['n_virtual_tokens']} but prompt.weight "
+                              f"is {list(prompt.shape) if prompt is not None else 'missing'}")
+    if hidden is not None and head.shape[1] != hidden:
+        raise ConfigError("model_name_or_path", f"{backbone} is {hidden} wide, but the export was trained on a "
+                          f"{head.shape[1]}-wide backbone ({meta['backbone']}); give that backbone")
+
+
+def read_texts(path: str) -> list[str]:
+    """One text per line of a file, or of stdin (`-` or /dev/stdin). Blank lines are kept (N lines in, N
+    predictions out; a blank one gets label null)."""
+    name = "stdin" if path in ("-", "/dev/stdin") else path
+    if path == "-":
+        raw = sys.stdin.buffer.read()
+    else:
+        p = Path(path)
+        if not p.exists() or p.is_dir():
+            raise ConfigError("file", f"not found: {path}")
+        raw = p.read_bytes()  # also a pipe or /dev/stdin
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError("file", f"{name}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save it as UTF-8 (it may "
+                          f"be latin-1)")
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line; it does not start another
+    if not lines:
+        raise ConfigError("file", f"{name} is empty; nothing to predict")
+    if not any(line.strip() for line in lines):
+        raise ConfigError("file", f"{name} holds only blank lines ({len(lines)}); nothing to predict")
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description="Predict labels with an infoprompt export.")
     p.add_argument("--export", required=True, help="Export folder (output_dir/best or output_dir/export).")
@@ -84,14 +146,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = p.parse_args(argv)
     texts = list(args.text)
     if args.file:
-        if not Path(args.file).is_file():
-            raise ConfigError("file", f"not found: {args.file}")
-        texts += [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
+        texts += read_texts(args.file)
     if not texts:
         raise ConfigError("text", "give --text or --file")
     predictor = Predictor.load(args.export, args.model_name_or_path)
-    for text, label in zip(texts, predictor.predict(texts)):
-        print(json.dumps({"text": text, "label": label}))
+    keep = [i for i, t in enumerate(texts) if t.strip()]  # a blank line gets label null, in its place
+    labels = dict(zip(keep, predictor.predict([texts[i] for i in keep])))
+    for i, text in enumerate(texts):
+        print(json.dumps({"text": text, "label": labels.get(i)}))
     sys.stdout.flush()
 
 

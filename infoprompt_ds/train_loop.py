@@ -16,7 +16,6 @@ Import this module only after env.setup_environment() ran (it imports torch and 
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,10 @@ from .distributed import (all_max_int, all_min, backbone_shard_report, gather_tr
 from .env import setup_environment  # noqa: F401  (re-exported: callers that imported it from here)
 from .errors import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged  # noqa: F401 (re-exported)
 from .internals import full_numel
+from . import outdir, preflight
 from .io import write_json_atomic
+from .loss_guard import LossGuard
+from .process_group import init_process_group
 from .metrics import check_metric, compute_metrics
 from .model import build_model, load_model_config, load_tokenizer, model_inputs
 from .tracking import Tracker, check_tracking, run_name_for, run_tags
@@ -50,15 +52,18 @@ MI_TERMS = ("head", "repr", "kl")  # the InfoPrompt terms the model returns besi
 
 
 class _StopFlag:
-    """SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit) only set a flag; the loop
-    finishes the step it is in, agrees with the other ranks, saves, and exits with EXIT_PREEMPTED."""
+    """SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit), SIGINT (Ctrl-C) and SIGHUP
+    (the terminal closed) only set a flag; the loop finishes the step it is in, agrees with the other ranks,
+    saves, and exits with EXIT_PREEMPTED. A second Ctrl-C aborts at once (KeyboardInterrupt, no save)."""
 
     def __init__(self):
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signum = signum
 
 
@@ -79,6 +84,8 @@ def check_output_dir(cfg: TrainConfig) -> None:
                           f"--resume_from_checkpoint latest, or another output_dir")
     if out.exists() and not out.is_dir():
         raise ConfigError("output_dir", f"{out} exists and is not a folder")
+    preflight.check_output_dir_path(cfg)
+    outdir.check_output_dir_state(cfg)  # a folder in use, or holding another run / files not ours
 
 
 @dataclass
@@ -94,28 +101,39 @@ class Prepared:
     total_steps: int
     ds_config: dict
     resume: Optional[Path]
+    identity: dict  # what this run's checkpoints record and a resume must match (outdir.run_identity)
+    lock: Any       # the output_dir lock, held for the life of the process
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """Every check that needs no model weights and no process group: fails in seconds on bad input."""
+    preflight.check_launcher_env()
     rank, local_rank, world = config_from_env_rank()
     ds_raw = load_ds_config(cfg.deepspeed)
+    preflight.check_precision_and_devices(cfg, ds_raw)
+    preflight.check_model_path(cfg)
     model_config = load_model_config(cfg)
     check_output_dir(cfg)
-    check_tracking(cfg)
     check_tracking(cfg)  # a bad MLflow store is bad input: exit 2 now, not a run without tracking
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
     if resume is not None:
         verify_checkpoint_files(resume)  # a tampered pickle is refused here, before anything is created
     tokenizer = load_tokenizer(cfg)
+    preflight.check_tokenizer(cfg, tokenizer)
     data = prepare_data(cfg, tokenizer)
+    preflight.check_label_words(cfg, tokenizer, data.label_names)
+    preflight.check_validation_labels(cfg, data)
+    identity = outdir.run_identity(cfg, data, model_config, world, zero_stage(ds_raw), resume)
+    if resume is not None:
+        outdir.check_resume(resume, identity)  # before any weight: refuse another run's checkpoint
     problem = check_metric(cfg.task_type, cfg.metric_for_best_model, len(data.label_names))
     if problem:
         raise ConfigError("metric_for_best_model", problem)
     micro_per_epoch, total_steps = plan_steps(cfg, len(data.splits["train"]), world)
     ds_config = fill_ds_config(ds_raw, cfg, world, total_steps, model_config.hidden_size)
+    lock = outdir.lock_output_dir(cfg, rank)  # last: held until the process ends
     return Prepared(rank, local_rank, world, model_config, tokenizer, data, micro_per_epoch, total_steps,
-                    ds_config, resume)
+                    ds_config, resume, identity, lock)
 
 
 # --- the run object --------------------------------------------------------------------------------------
@@ -179,6 +197,7 @@ class Run:
     export_meta: dict[str, Any]  # what an export records beside its tensors
     stop: _StopFlag
     client: dict[str, Any]  # the resumed checkpoint's client state ({} on a fresh run)
+    identity: dict          # what this run is (backbone, data, labels, shapes, world): recorded in each checkpoint
     best_metric: Optional[float] = None
     best_step: Optional[int] = None
     # Non-finite losses/gradients: counted in total (train/nonfinite_steps) and in a row; only an applied
@@ -186,6 +205,8 @@ class Run:
     # last good one), and max_nonfinite_steps in a row stop the run (TrainingDiverged, exit code 3).
     nonfinite_total: int = 0
     nonfinite_row: int = 0
+    guard: LossGuard = field(default_factory=LossGuard)  # NaN/inf, or a finite loss that exploded
+    lock: Any = None        # the output_dir lock (outdir.lock_output_dir), held as long as the run
     z_cache: Optional[torch.Tensor] = None  # z(x, no prompt) per training example (cache_unprompted)
     warned: set[str] = field(default_factory=set)
     params: Optional[dict[str, Any]] = None  # the tracker's run parameters (a fresh run only)
@@ -209,6 +230,8 @@ def setup(cfg: TrainConfig) -> Run:
     accel = get_accelerator()
     on_gpu = accel.device_name() != "cpu"
     stop = _StopFlag()
+    # a store on loopback / in memory, not on every interface; deepspeed then reuses the process group
+    init_process_group("nccl" if on_gpu else "gloo", timedelta(minutes=cfg.dist_timeout_minutes))
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     if on_gpu:
@@ -242,6 +265,7 @@ def setup(cfg: TrainConfig) -> Run:
             "task_type": cfg.task_type, "entity_markers": cfg.entity_markers}
     run = Run(cfg, prep.rank, prep.world, device, engine, prep.data, collate, prep.tokenizer, tracker, out,
               prep.total_steps, prep.micro_per_epoch, int(client.get("global_step", 0)), meta, stop, client,
+              prep.identity, lock=prep.lock,
               best_metric=client.get("best_metric"), best_step=client.get("best_step"),
               nonfinite_total=int(client.get("nonfinite_steps", 0)))
     if not client:  # a resumed run logged its parameters when it started
@@ -256,10 +280,7 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def _prepare_output_dir(cfg: TrainConfig, out: Path, ds_config: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-        for stale in ("metrics.json", "export", "best"):
-            shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # (--overwrite_output_dir: cleared by outdir.lock_output_dir)
     write_json_atomic(out / "config.json", cfg.to_dict())
     write_json_atomic(out / "ds_config.json", ds_config)
 
@@ -299,7 +320,7 @@ def train_step(run: Run, batch: dict, micro: int) -> StepOut:
     on any rank: then every rank skips it (they must agree, or ZeRO's collectives would deadlock)."""
     engine = run.engine
     result = engine(**model_inputs(batch), labels=batch["labels"], **mi_inputs(run, batch, micro))
-    if not all_min(bool(torch.isfinite(result["loss"].detach()).all())):
+    if not all_min(run.guard.ok(result["loss"].item())):
         retrace_zero3(engine)  # this forward had no backward: start a fresh ZeRO-3 fetch trace
         return StepOut(False, result["loss"].item(), float("nan"), dict.fromkeys(MI_TERMS, 0.0), 0, 0)
     engine.backward(result["loss"])
@@ -324,7 +345,7 @@ def count_nonfinite(run: Run, what: str, step: int) -> None:
         if run.bar is not None:
             run.bar.close()  # the error line must not land on the progress bar's line
         raise TrainingDiverged(
-            f"training diverged: {run.nonfinite_row} non-finite steps in a row (last: {what} at optimizer "
+            f"training diverged: {run.nonfinite_row} non-finite or exploded steps in a row (last: {what} at optimizer "
             f"step {step}; max_nonfinite_steps={run.cfg.max_nonfinite_steps}); last good checkpoint: "
             f"{done[-1] if done else 'none'}; lower learning_rate or check the data, then resume with "
             f"--resume_from_checkpoint latest")
@@ -398,7 +419,7 @@ def save(run: Run, step: int) -> None:
     """A DeepSpeed checkpoint of step `step` (collective); its client state is what a resume restores."""
     save_checkpoint(run.engine, run.cfg.output_dir, step, {
         "global_step": step, "mlflow_run_id": run.tracker.run_id, "best_metric": run.best_metric,
-        "best_step": run.best_step, "nonfinite_steps": run.nonfinite_total}, run.cfg.save_total_limit, run.rank)
+        "best_step": run.best_step, "nonfinite_steps": run.nonfinite_total}, run.cfg.save_total_limit, run.rank, run.identity)
 
 
 def stop_if_asked(run: Run, step: int) -> None:

@@ -158,3 +158,12 @@ def assert_results_meta(doc: dict) -> None:
     assert meta["command"] and meta["machine"]["cpu_count"] >= 1
     assert meta["versions"]["torch"] and meta["versions"]["deepspeed"]
     assert "commit" in meta["git"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each test's outcome, visible to its fixtures (request.node.rep_call): tests/reliability counts
+    the cases that passed for docs/reliability.md."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)

@@ -52,6 +52,31 @@ FAULTS = [  # item key in the figures -> (issue item, what was done, what "survi
 ]
 
 
+CASES = [  # item key recorded by tests/reliability (record_case / record) -> what is tried
+    ("network", "what a run listens on, sampled through a real `python train.py` and a 2-rank `deepspeed` job: "
+     "every socket on a loopback address (test_network_and_stops.py)"),
+    ("stops", "SIGINT (Ctrl-C) and SIGHUP (terminal closed) to a real run: checkpoint saved, exit 75"),
+    ("outdir_resume", "a second training on a locked folder; a fresh run in a folder holding a run; overwrite "
+     "with a user's file in export/; `latest` naming another run's folder; resume with another prompt length, "
+     "method, label list, dataset, world size; a deleted / emptied shard; resume pruning only its own checkpoints "
+     "next to a foreign one and a malformed marker; an exploding loss (learning_rate 1e9) ending with exit 3 "
+     "(test_outdir_and_resume.py)"),
+    ("preflight", "DeepSpeed json bf16 vs --bf16; fp16 on CPU (flag, json); Lamb on CPU; nvme offload without a "
+     "path; output_dir empty / under a file / read-only (skipped as root); a model path that is a file; a model "
+     "folder without tokenizer files; a blank prompt_init_text; max_length below the special tokens; stray "
+     "RANK / WORLD_SIZE; an empty label word; [UNK] label words (warning); `~` in a YAML output_dir; duplicate "
+     "YAML/JSON keys; a .toml config; an unknown config suffix; an uncached hub name offline / hub unreachable; "
+     "the exploded-loss guard (test_preflight.py)"),
+    ("data_errors", "UTF-16 and latin-1 files, a TSV named .csv, a header with a trailing space, a duplicate "
+     "column, numbers and text in one JSONL column, a numeric text column, label ids in one split and names in "
+     "another, a broken JSONL line mid-file, a nested JSON object, a duplicate JSON key, a one-row train file, a "
+     "one-class validation split with mcc (warning) (test_data_errors.py)"),
+    ("predict_errors", "a hand-edited export (missing key, wrong prompt length, wrong label count, wrong type), a "
+     "backbone of another width, a latin-1 --file, an all-blank file, stdin (`--file -`, /dev/stdin) with blank "
+     "lines kept: N lines in, N out (test_predict_errors.py)"),
+]
+
+
 def run_pytest(log: Path, env: dict, select: str) -> tuple[int, str, float]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "reliability",
            "tests/reliability", *(["-k", select] if select else [])]
@@ -147,6 +172,17 @@ def main(argv=None) -> int:
                "`infoprompt_ds.tracking.LocalServer` and docs/tracking.md bind to 127.0.0.1 (mlflow's own default "
                "when `--host` is absent is 127.0.0.1 too). Explicit opt-ins to another interface: "
                + ("; ".join(f"`{c}`" for c in r["explicit_non_local"]) or "none") + ".", ""]
+    md += ["## Adversarial cases (issue 15)", "",
+           "Each case a test; `clean` = the test passed (refused in one line with exit code 2 before any weight "
+           "loads, or behaved as described).", "",
+           "| group | what is tried | tried | clean |", "|---|---|---|---|"]
+    case_total = case_clean = 0
+    for key, what in CASES:
+        rows = by_item.get(key, [])
+        t, c = sum(r.get("tried", 0) for r in rows), sum(r.get("clean", 0) for r in rows)
+        case_total, case_clean = case_total + t, case_clean + c
+        md.append(f"| {key.replace('_', ' ')} | {what} | {t} | {c}{'' if rows else ' (not run)'} |")
+    md += ["", f"**Total: {case_total} adversarial cases tried, {case_clean} clean.**", ""]
     md += ["## What guarantees this", "",
            "* **Rank death**: the deepspeed launcher terminates the other ranks when one dies, and the gloo/NCCL "
            "collective timeout (`dist_timeout_minutes`, default 30) bounds any rank left waiting on a dead peer. "
@@ -155,18 +191,38 @@ def main(argv=None) -> int:
            "* **Kill inside a save**: a folder without the marker is skipped by `resolve_checkpoint` and deleted "
            "by the next save of that step; the oldest checkpoint's marker is removed before the folder, so a "
            "half-deleted checkpoint never looks complete.",
-           "* **Graceful stop**: SIGTERM/SIGUSR1 set a flag; the ranks agree on it (all-reduce MAX) after each "
-           "step, save, close the MLflow run as KILLED and exit **75**; the checkpoint holds the run id.",
+           "* **Graceful stop**: SIGTERM/SIGUSR1, SIGINT (Ctrl-C; a second one aborts at once) and SIGHUP (the "
+           "terminal closed) set a flag; the ranks agree on it (all-reduce MAX) after each step, save, close the "
+           "MLflow run as KILLED and exit **75**; the checkpoint holds the run id. (The `deepspeed` launcher itself "
+           "kills its ranks on Ctrl-C; send SIGTERM to the ranks, or use `python train.py`/srun, for a clean stop.)",
            "* **Numerics**: the loss is checked before backward and the verdict all-reduced (MIN), so every rank "
            "skips the same micro-batch (no backward, no update; the data stream still advances, so resume stays "
            "exact). A non-finite gradient norm makes DeepSpeed skip the update itself (ZeRO-3 all dtypes; ZeRO-1/2 "
            "fp32, or bf16 with `check_grad_overflow`); the loop counts those steps too (not under fp16, whose loss "
-           "scaler skips overflow steps routinely). `train/nonfinite_steps` is logged; only an applied update ends "
+           "scaler skips overflow steps routinely). A finite loss above 10^4 times the first one (or 10^4 when "
+           "that was below 1) has exploded and counts the same (`infoprompt_ds/loss_guard.py`). "
+           "`train/nonfinite_steps` is logged; only an applied update ends "
            "a streak; no checkpoint is saved during a streak; `max_nonfinite_steps` (default 5) in a row end the "
            "run with exit code **3** and one line naming the last good checkpoint (the newest one saved before "
            "the streak).",
            "* **Bad input**: every check that needs no weights runs in `prepare()` before the process group, the "
-           "model or any output exist; DeepSpeed jsons are checked against DeepSpeed's own schema there too.",
+           "model or any output exist; DeepSpeed jsons are checked against DeepSpeed's own schema there too; "
+           "`preflight.py` adds the environment (stray RANK/WORLD_SIZE), precision and device (fp16, Lamb on CPU, "
+           "nvme), output and model paths, the hub when a name is not cached, the tokenizer's limits and the label "
+           "words; `data_checks.py` reads a local file's encoding, header and JSON lines first, so that a bad file "
+           "is named with its line and cause.",
+           "* **Nothing lost, nothing mixed**: rank 0 holds an exclusive `fcntl.flock` on `output_dir/.infoprompt.lock` "
+           "from the end of pre-flight to the end of the process. A fresh run refuses a folder holding a run unless "
+           "`--overwrite_output_dir`, which then removes only this program's files (a file it did not write in "
+           "export/, best/ or checkpoints/ is refused, never deleted). Each checkpoint's marker records its run "
+           "(uid, backbone and width, method, task type, labels, prompt length, bottleneck, a sha256 of the "
+           "tokenized train split, world size, ZeRO stage); only this run's checkpoints are pruned; a resume "
+           "compares all of it before any weight loads and refuses in one line naming the first mismatch (ZeRO "
+           "optimizer states are per rank: another world size is refused, not resharded); `latest` must name a "
+           "folder inside checkpoints/; a malformed marker makes a folder incomplete, never a crash.",
+           "* **Network**: one process uses an in-memory store and no store socket; a one-host job binds the store "
+           "and gloo/NCCL to loopback; a multi-node job binds the store to MASTER_ADDR's address only (docs/slurm.md, "
+           "'Network exposure').",
            "* **Nothing unsafe loaded**: exports are safetensors + JSON only; before a checkpoint is handed to "
            "DeepSpeed (whose `load_checkpoint` calls `torch.load(weights_only=False)`), every pickle-like file in "
            "it must load with `torch.load(weights_only=True)` (allowing only DeepSpeed's `ZeroStageEnum` and "

@@ -101,3 +101,59 @@ def stderr_lines(text: str) -> list[str]:
 
 def python_cmd(args: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *args]
+
+
+class Accepted(Exception):
+    """prepare() passed: the input was not refused."""
+
+
+def prepare_in_process(argv: list[str], env: dict | None = None) -> tuple[object, list[str], str]:
+    """The real entry point (`cli.train_main`) with `train_loop.run` cut after pre-flight
+    (setup_environment + prepare): (exit code or "accepted", meaningful stderr lines, stdout)."""
+    import contextlib
+    import io
+
+    from infoprompt_ds import cli
+    from infoprompt_ds import train_loop as tl
+
+    def first_half(cfg):
+        tl.setup_environment()
+        ctx = tl.prepare(cfg)
+        if ctx.get("lock") is not None:
+            ctx["lock"].close()
+        raise Accepted()
+
+    saved, real_run = dict(os.environ), tl.run
+    os.environ.update(env or {})
+    tl.run = first_half
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            cli.train_main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except Accepted:
+        code = "accepted"
+    finally:
+        tl.run = real_run
+        os.environ.clear()
+        os.environ.update(saved)
+    return code, stderr_lines(err.getvalue()), out.getvalue()
+
+
+def assert_refused(argv: list[str], field: str, needle: str = "", env: dict | None = None) -> str:
+    """Exit 2 and exactly one stderr line `error: <field>: ...` containing `needle`; returns the line."""
+    code, lines, _ = prepare_in_process(argv, env)
+    assert code == 2, (code, lines)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field}: "), lines
+    assert needle in lines[0], lines
+    return lines[0]
+
+
+def record_case(request, item: str) -> None:
+    """From an autouse fixture after its yield: one case tried, clean when its test body passed."""
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.skipped:  # not tried here (e.g. a read-only folder cannot stop root)
+        return
+    record(item, case=request.node.name, tried=1, clean=int(bool(rep and rep.passed)))

@@ -1,0 +1,80 @@
+"""The process group, started so that it listens on no more network than the job needs.
+
+`torch.distributed.init_process_group("env://")` makes rank 0 start a TCPStore that listens on every
+interface (`*:MASTER_PORT`), even for a one-process run, and the store has no authentication: anyone who
+can reach the port can join or disturb the job. Here instead:
+
+* one process (WORLD_SIZE=1): an in-memory HashStore, no store socket at all;
+* every rank on this host (MASTER_ADDR is a loopback address, as the deepspeed launcher and torchrun set
+  for single-node jobs, or LOCAL_WORLD_SIZE equals WORLD_SIZE, as in a one-node SLURM job): the store
+  listens on 127.0.0.1 only, and gloo/NCCL use the loopback interface;
+* several nodes: the store listens only on MASTER_ADDR's own address (not every interface). It is still
+  reachable from that network: see docs/slurm.md ("Network exposure") for how to restrict it.
+
+deepspeed.init_distributed, called afterwards, finds the group initialized and wraps it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from datetime import timedelta
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP))
+    except (OSError, ValueError):
+        return False
+
+
+def _loopback_ifname() -> str:
+    try:
+        import psutil
+
+        for name, addrs in psutil.net_if_addrs().items():
+            if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addrs):
+                return name
+    except ImportError:
+        pass
+    return "lo"
+
+
+def _listening_socket(host: str, port: int) -> int | None:
+    """A socket bound to host:port only, listening, for TCPStore(master_listen_fd=...); None when this host
+    cannot bind that address (MASTER_ADDR names a load balancer or NAT address)."""
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)[0]
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+        s.listen(socket.SOMAXCONN)
+    except OSError:
+        return None
+    return s.detach()
+
+
+def init_process_group(backend: str, timeout: timedelta) -> None:
+    import torch.distributed as dist
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    local_world = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")  # torchrun/srun | deepspeed
+    if local_world and int(local_world) == world:
+        master = "127.0.0.1"  # every rank is on this host (each one sees this): no need to reach the network
+    if world == 1 or _is_loopback(master):
+        # The data-plane sockets of gloo/NCCL too: by default gloo binds the address the host name resolves to.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_ifname())
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", _loopback_ifname())
+    if world == 1:
+        store = dist.HashStore()
+    else:
+        port = int(os.environ["MASTER_PORT"])
+        fd = _listening_socket(master, port) if rank == 0 else None
+        if rank == 0 and fd is None:
+            print(f"warning: cannot bind the process-group store to MASTER_ADDR={master}; it listens on every "
+                  f"interface (port {port}); see docs/slurm.md, 'Network exposure'", flush=True)
+        store = dist.TCPStore(master, port, world, rank == 0, timeout, master_listen_fd=fd)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
