@@ -118,9 +118,9 @@ def prepare_in_process(argv: list[str], env: dict | None = None) -> tuple[object
 
     def first_half(cfg):
         tl.setup_environment()
-        ctx = tl.prepare(cfg)
-        if ctx.get("lock") is not None:
-            ctx["lock"].close()
+        prep = tl.prepare(cfg)
+        if prep.lock is not None:
+            prep.lock.close()
         raise Accepted()
 
     saved, real_run = dict(os.environ), tl.run
