@@ -35,6 +35,7 @@ def test_fail_is_one_line_and_the_exit_code(capsys, monkeypatch):
         exit_on_config_error(lambda: (_ for _ in ()).throw(ConfigError("k_shot", "must be > 0")))
     assert e.value.code == 2 and capsys.readouterr().err == "error: k_shot: must be > 0\n"
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a launched rank (a stray RANK alone prints: see test_preflight)
     with pytest.raises(SystemExit) as e:
         fail("diverged", 3, rank0_only=True)
     assert e.value.code == 3 and capsys.readouterr().err == ""  # one line for the job: rank 0's
