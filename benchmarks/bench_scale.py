@@ -275,6 +275,8 @@ def main(argv=None):
             models.append((f"llama-{m}-random", random_llama(m, cache_root())))
         else:
             models.append((Path(m).name, m))
+    out = Path(args.out)
+    stem = "scale_tiny" if args.tiny else "scale"
     rows = []
     for label, model in models:
         for spec in args.grid.split(","):
@@ -282,11 +284,10 @@ def main(argv=None):
             for method in args.methods.split(","):
                 name = f"{label}-{ds}-w{world}-{method}"
                 rows.append(run_cell(name, model, label, ds, int(world), method, data, work, args))
-    out = Path(args.out)
-    stem = "scale_tiny" if args.tiny else "scale"
-    write_results(out / f"{stem}.json", {"settings": {k: v for k, v in vars(args).items() if k != "out"},
-                                         "cells": rows})
-    write_csv(out / f"{stem}.csv", rows)
+                # after every cell: a long grid stopped half-way still leaves its finished cells
+                write_results(out / f"{stem}.json", {"settings": {k: v for k, v in vars(args).items() if k != "out"},
+                                                     "cells": rows})
+                write_csv(out / f"{stem}.csv", rows)
     plot(rows, out / f"{stem}.png")
     print(json.dumps({"results": str(out / f"{stem}.json"), "failed": [r["cell"] for r in rows if r["returncode"]]}))
     return 1 if any(r["returncode"] for r in rows) else 0
