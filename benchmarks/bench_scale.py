@@ -259,7 +259,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS), help="folder for scale[_tiny].{json,csv,png}")
     ap.add_argument("--work", default=None, help="scratch folder for the runs (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    ap.add_argument("--replot", default=None, help="only redraw the PNG of an existing results json")
     args = ap.parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text())["cells"], Path(args.replot).with_suffix(".png"))
+        return 0
     if args.tiny:
         args.models = "tiny"
     import tempfile
