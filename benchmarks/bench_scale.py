@@ -167,6 +167,9 @@ def run_cell(name: str, model: str, params_hint: str, ds: str, world: int, metho
     print(f"[scale] {name}: {' '.join(cmd)}", flush=True)
     t = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0 and "EADDRINUSE" in proc.stderr + proc.stdout:  # the free port was taken meanwhile
+        cmd = cell_command(model, ds, world, method, data, out, args)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
     wall = time.time() - t
     (cell_dir / "log.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     row = {"cell": name, "model": params_hint, "model_path": model, "ds_config": ds, "world_size": world,
@@ -259,6 +262,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS), help="folder for scale[_tiny].{json,csv,png}")
     ap.add_argument("--work", default=None, help="scratch folder for the runs (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    ap.add_argument("--resume", action="store_true", help="reuse the successful cells of an existing results file")
     ap.add_argument("--replot", default=None, help="only redraw the PNG of an existing results json")
     args = ap.parse_args(argv)
     if args.replot:
@@ -281,13 +285,16 @@ def main(argv=None):
             models.append((Path(m).name, m))
     out = Path(args.out)
     stem = "scale_tiny" if args.tiny else "scale"
+    done = {}
+    if args.resume and (out / f"{stem}.json").is_file():  # keep the finished cells of an earlier run
+        done = {r["cell"]: r for r in json.loads((out / f"{stem}.json").read_text())["cells"] if r["returncode"] == 0}
     rows = []
     for label, model in models:
         for spec in args.grid.split(","):
             ds, world = spec.split(":")
             for method in args.methods.split(","):
                 name = f"{label}-{ds}-w{world}-{method}"
-                rows.append(run_cell(name, model, label, ds, int(world), method, data, work, args))
+                rows.append(done.get(name) or run_cell(name, model, label, ds, int(world), method, data, work, args))
                 # after every cell: a long grid stopped half-way still leaves its finished cells
                 write_results(out / f"{stem}.json", {"settings": {k: v for k, v in vars(args).items() if k != "out"},
                                                      "cells": rows})
