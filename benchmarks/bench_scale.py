@@ -106,6 +106,12 @@ def write_data(work: Path) -> dict[str, str]:
     return files
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def free_port() -> int:
     import socket
 
@@ -124,6 +130,8 @@ def cell_command(model: str, ds: str, world: int, method: str, data: dict[str, s
              "per_device_train_batch_size": args.batch, "per_device_eval_batch_size": 8,
              "max_steps": args.steps, "logging_steps": 1, "eval_steps": args.steps, "learning_rate": 0.01,
              "mlflow_experiment": "scale", "overwrite_output_dir": "true"}
+    if args.bf16:
+        flags["bf16"] = "true"
     return launcher + [str(HERE / "scale_rank.py")] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
 
 
@@ -174,7 +182,8 @@ def run_cell(name: str, model: str, params_hint: str, ds: str, world: int, metho
     (cell_dir / "log.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     row = {"cell": name, "model": params_hint, "model_path": model, "ds_config": ds, "world_size": world,
            "method": method, "returncode": proc.returncode, "job_wall_s": wall, "command": " ".join(cmd),
-           "threads_per_rank": args.threads, "compute_dtype": "float32", "bytes_per_param": 4}
+           "threads_per_rank": args.threads, "compute_dtype": "bfloat16" if args.bf16 else "float32",
+           "bytes_per_param": 2 if args.bf16 else 4, "device": "cuda" if _cuda() else "cpu"}
     if proc.returncode != 0:
         row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         print(f"[scale] {name} FAILED rc={proc.returncode}: {row['error']}", flush=True)
@@ -183,12 +192,12 @@ def run_cell(name: str, model: str, params_hint: str, ds: str, world: int, metho
     for r in range(world):
         shard = json.loads((out / "ranks" / f"rank{r}.json").read_text())
         probe_row = json.loads((probe / f"rank{r}.json").read_text())
-        ranks.append({**shard, **probe_row, "backbone_bytes_local": shard["backbone_params_local"] * 4,
+        ranks.append({**shard, **probe_row, "backbone_bytes_local": shard["backbone_params_local"] * row["bytes_per_param"],
                       "backbone_fraction": shard["backbone_params_local"] / shard["backbone_params_total"]})
     metrics = json.loads((out / "metrics.json").read_text())
     steps = step_times(out, metrics["mlflow_run_id"], args.batch * world)
     row.update({"ranks": ranks, "backbone_params_total": ranks[0]["backbone_params_total"],
-                "backbone_bytes_total": ranks[0]["backbone_params_total"] * 4,
+                "backbone_bytes_total": ranks[0]["backbone_params_total"] * row["bytes_per_param"],
                 "backbone_fraction_max": max(r["backbone_fraction"] for r in ranks),
                 "backbone_fraction_goal": 1 / world + 0.05,
                 "peak_rss_bytes_max": max(r["peak_rss_bytes"] for r in ranks),
@@ -226,7 +235,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ok = [r for r in rows if r["returncode"] == 0]
     models = sorted({r["model"] for r in ok}, key=lambda m: min(r["backbone_params_total"] for r in ok if r["model"] == m))
     setups = sorted({(r["ds_config"], r["world_size"], r["method"]) for r in ok})
-    panels = [("backbone held per rank (GiB, fp32)", lambda r: max(x["backbone_bytes_local"] for x in r["ranks"]) / 2**30),
+    panels = [("backbone held per rank (GiB)", lambda r: max(x["backbone_bytes_local"] for x in r["ranks"]) / 2**30),
               ("peak RSS per rank (GiB)", lambda r: r["peak_rss_bytes_max"] / 2**30),
               ("step time (s)", lambda r: r["step_s"]),
               ("load time (s)", lambda r: r["load_s_max"])]
@@ -241,7 +250,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xticklabels(models)
         ax.set_title(title)
     axes[0].legend(fontsize=7)
-    fig.suptitle("InfoPrompt / prompt tuning cost vs backbone size (CPU, fp32, batch 2/rank, L=32)")
+    fig.suptitle(f"InfoPrompt / prompt tuning cost vs backbone size ({ok[0]['compute_dtype'] if ok else ''}, "
+                 f"batch 2/rank, max_length 32; {'GPU' if ok and ok[0].get('device') == 'cuda' else 'CPU'})")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -257,6 +267,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max_length", type=int, default=32)
     ap.add_argument("--n_virtual_tokens", type=int, default=8)
+    ap.add_argument("--bf16", action="store_true", help="train in bf16 (GPU); default fp32 (CPU)")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     ap.add_argument("--timeout", type=int, default=3600, help="per cell, seconds")
     ap.add_argument("--out", default=str(RESULTS), help="folder for scale[_tiny].{json,csv,png}")
