@@ -77,7 +77,9 @@ def random_llama(shape: str, cache: Path) -> str:
         torch.set_default_dtype(torch.float32)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    # Small weight files: under ZeRO-3 every rank reads each file whole before taking its 1/N, so the
+    # largest file sets each rank's load-time peak (one 2 GB file OOM-killed the 2-rank runs here).
+    model.save_pretrained(tmp, max_shard_size="200MB")
     tok.save_pretrained(tmp)
     (tmp / "DONE").write_text(f"{sum(p.numel() for p in model.parameters())} parameters\n")
     shutil.rmtree(out, ignore_errors=True)
@@ -305,7 +307,8 @@ def main(argv=None):
             ds, world = spec.split(":")
             for method in args.methods.split(","):
                 name = f"{label}-{ds}-w{world}-{method}"
-                rows.append(done.get(name) or run_cell(name, model, label, ds, int(world), method, data, work, args))
+                rows.append(done.pop(name, None) or run_cell(name, model, label, ds, int(world), method, data, work, args))
+                rows += [done.pop(c) for c in list(done)]  # an earlier run's other cells stay in the file
                 # after every cell: a long grid stopped half-way still leaves its finished cells
                 write_results(out / f"{stem}.json", {"settings": {k: v for k, v in vars(args).items() if k != "out"},
                                                      "cells": rows})
