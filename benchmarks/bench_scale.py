@@ -301,14 +301,16 @@ def main(argv=None):
     done = {}
     if args.resume and (out / f"{stem}.json").is_file():  # keep the finished cells of an earlier run
         done = {r["cell"]: r for r in json.loads((out / f"{stem}.json").read_text())["cells"] if r["returncode"] == 0}
-    rows = []
+    grid = {f"{label}-{spec.replace(':', '-w')}-{method}" for label, _ in models for spec in args.grid.split(",")
+            for method in args.methods.split(",")}
+    rows = []  # an earlier run's other cells (not in this grid) stay in the file
     for label, model in models:
         for spec in args.grid.split(","):
             ds, world = spec.split(":")
             for method in args.methods.split(","):
                 name = f"{label}-{ds}-w{world}-{method}"
-                rows.append(done.pop(name, None) or run_cell(name, model, label, ds, int(world), method, data, work, args))
-                rows += [done.pop(c) for c in list(done)]  # an earlier run's other cells stay in the file
+                rows.append(done.get(name) or run_cell(name, model, label, ds, int(world), method, data, work, args))
+                rows += [r for c, r in done.items() if c not in {x["cell"] for x in rows} and c not in grid]
                 # after every cell: a long grid stopped half-way still leaves its finished cells
                 write_results(out / f"{stem}.json", {"settings": {k: v for k, v in vars(args).items() if k != "out"},
                                                      "cells": rows})
