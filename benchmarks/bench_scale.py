@@ -259,6 +259,24 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The docs/scaling.md table: one line per cell."""
+    out = ["| model (backbone params) | DeepSpeed json | ranks | method | backbone held per rank (share; goal <= 1/N + 5%) "
+           "| peak RSS per rank | load | step | checkpoint (backbone tensors) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["returncode"] != 0:
+            out.append(f"| {r['model']} | {r['ds_config']} | {r['world_size']} | {r['method']} | failed: "
+                       f"{str(r.get('error', ''))[-120:]} | | | | |")
+            continue
+        held = max(x["backbone_bytes_local"] for x in r["ranks"]) / 2**30
+        rss = " / ".join(f"{x['peak_rss_bytes'] / 2**30:.2f}" for x in r["ranks"])
+        out.append(f"| {r['model']} ({r['backbone_params_total'] / 1e6:.0f}M) | {r['ds_config']} | {r['world_size']} "
+                   f"| {r['method']} | {held:.2f} GiB ({r['backbone_fraction_max']:.3f}) | {rss} GiB "
+                   f"| {r['load_s_max']:.0f} s | {r['step_s']:.1f} s | {r['checkpoint_bytes'] / 2**20:.2f} MiB "
+                   f"({r['checkpoint_backbone_tensors']}) |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a 2-layer random Llama only (the test)")
@@ -276,10 +294,12 @@ def main(argv=None):
     ap.add_argument("--work", default=None, help="scratch folder for the runs (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     ap.add_argument("--resume", action="store_true", help="reuse the successful cells of an existing results file")
-    ap.add_argument("--replot", default=None, help="only redraw the PNG of an existing results json")
+    ap.add_argument("--replot", default=None, help="only redraw the PNG of an existing results json and print its table")
     args = ap.parse_args(argv)
     if args.replot:
-        plot(json.loads(Path(args.replot).read_text())["cells"], Path(args.replot).with_suffix(".png"))
+        rows = json.loads(Path(args.replot).read_text())["cells"]
+        plot(rows, Path(args.replot).with_suffix(".png"))
+        print(markdown_table(rows))
         return 0
     if args.tiny:
         args.models = "tiny"
