@@ -290,16 +290,6 @@ def _unprompted_from_cache(engine, split, collate, cfg: TrainConfig, world: int,
     return z.to(device)
 
 
-def warn_capped_mi(logs: dict[str, float], cfg: TrainConfig, rank: int, warned: set[str]) -> None:
-    """Say once when an MI term sat at its mi_clamp cap for a whole logging window: every example was
-    capped, so the term passed no gradient (chance level log(1 + negatives) is above 2 from 7 negatives)."""
-    for key, weight in (("train/head", cfg.gamma), ("train/repr", cfg.beta)):
-        if rank == 0 and cfg.mi_clamp and weight and key not in warned and logs.get(key, 0.0) >= cfg.mi_clamp - 1e-6:
-            warned.add(key)
-            print(f"warning: {key} = mi_clamp ({cfg.mi_clamp:g}) for every example of this window: the term "
-                  f"passes no gradient; --mi_clamp 0 removes the cap (docs/benchmarks.md, ablation)", flush=True)
-
-
 # --- the run ------------------------------------------------------------------------------------------
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -313,6 +303,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
     from .checkpoint import load_checkpoint, save_checkpoint, save_export, write_json_atomic
+    from .method import Diagnostics
     from .model import build_model, model_inputs
     from .tracking import Tracker
 
@@ -371,15 +362,19 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                 "backbone_params": shard["backbone_params_total"]})
             tracker.log_artifact(out / "ds_config.json")
         z_cache = None
-        if engine.module.bottleneck is not None and cfg.cache_unprompted:
+        if engine.module.needs_unprompted:  # the estimators, the VIB's KL, or the z statistics need it
             z_cache = compute_unprompted(engine, train, collate, cfg, world, rank, device,
                                          ctx["tokenizer"], tracker, start_step)
+            engine.module.set_z_stats(z_cache)  # estimator=normalized standardises z with these
+            z_cache = z_cache if cfg.cache_unprompted else None
 
         meta = {"backbone": cfg.model_name_or_path, "labels": data.label_names,
                 "n_virtual_tokens": engine.module.n_virtual_tokens,
                 "pooling": engine.module.pooling, "max_length": cfg.max_length, "method": cfg.method,
                 "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
-                "bottleneck_dim": cfg.bottleneck_dim if engine.module.bottleneck is not None else None,
+                "bottleneck_dim": cfg.bottleneck_dim if engine.module.vib is not None else None,
+                "vib_head": engine.module.vib is not None, "estimator": cfg.estimator,
+                "z_stats": engine.module.z_stats_meta(), "readout": "linear", "prompt_type": "static",
                 "task_type": cfg.task_type, "entity_markers": cfg.entity_markers}
 
         def eval_and_track(step: int):
@@ -405,7 +400,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         # optimizer update ends a streak. While a streak runs no checkpoint is saved (none could displace the
         # last good one), and max_nonfinite_steps in a row stop the run (TrainingDiverged, exit code 3).
         nonfinite = {"total": int(client.get("nonfinite_steps", 0)), "row": 0}
-        warned: set[str] = set()
+        diag = Diagnostics(cfg, engine.module)  # the method's per-window metrics and warnings
 
         def count_nonfinite(what: str, step: int):
             nonfinite["total"] += 1
@@ -440,7 +435,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                                      True, cfg.seed, epoch)}
             batch = _to_device(collate([train[i] for i in epoch_cache[epoch][pos]]), device)
             kwargs = {}
-            if engine.module.bottleneck is not None:
+            if engine.module.needs_noise:
                 # Noise from a generator keyed by (seed, micro-step, rank): the same after a resume.
                 gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + micro * world + rank)
                 b = batch["input_ids"].shape[0]
@@ -459,7 +454,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 retrace_zero3(engine)  # this forward had no backward: start a fresh ZeRO-3 fetch trace
                 count_nonfinite(f"loss={result['loss'].item()}", engine.global_steps)
                 continue
+            if micro % ga == 0 and ((engine.global_steps + 1) % cfg.logging_steps == 0
+                                    or engine.global_steps + 1 == total_steps):
+                diag.grad_ratios(result)  # the terms' gradients on the prompt, logging steps only
             engine.backward(result["loss"])
+            diag.add(result)
             before = engine.global_steps
             engine.step()
             window += torch.tensor([result["loss"].item(), result["ce"].item(),
@@ -482,10 +481,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 logs = {"train/loss": window[0] / n, "train/ce": window[1] / n, "train/lr": engine.get_lr()[0],
                         "train/samples_per_s": window[6] / elapsed, "train/tokens_per_s": window[7] / elapsed,
                         "train/epoch": micro / micro_per_epoch}
-                if engine.module.bottleneck is not None:
+                if engine.module.uses_mi:
                     logs.update({"train/head": window[2] / n, "train/repr": window[3] / n, "train/kl": window[4] / n})
-                logs = {k: float(v) for k, v in logs.items()}
-                warn_capped_mi(logs, cfg, rank, warned)
+                logs = {k: float(v) for k, v in {**logs, **diag.flush()}.items()}
+                diag.warn(logs, rank)
                 tracker.log_metrics(logs, step)
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", samples_s=f"{logs['train/samples_per_s']:.1f}")
                 window.zero_()
