@@ -21,6 +21,9 @@ from . import mi
 
 TERMS = ("head", "repr", "kl")
 DOMINANT_RATIO = 10.0
+# Everything Diagnostics.flush can log (docs/tracking.md lists each; its doc test reads this).
+METRIC_NAMES = tuple(f"train/{t}_{k}" for t in ("head", "repr") for k in ("chance", "passing")) + \
+    tuple(f"train/{t}_grad_ratio" for t in TERMS)
 
 
 @dataclass
