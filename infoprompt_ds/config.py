@@ -87,6 +87,10 @@ class TrainConfig:
         "infoprompt, prompt (vanilla prompt tuning: the same code path with gamma=beta=kl_weight=0 "
         "and no estimator networks), or probe (no prompt at all: only the head trains, a linear probe).")})
     n_virtual_tokens: int = field(default=16, metadata={"help": "Soft prompt length n."})
+    prompt_type: str = field(default="static", metadata={"help": (
+        "static (one prompt for every input) | instance (the authors' generator: P(x) = P + MLP(z(x, no prompt)), "
+        "MLP d -> 32 -> n*d with GELU, its last layer zero at start so step 0 is the static prompt; its input "
+        "comes from the unprompted cache in training, from an extra no-grad pass at evaluation/predict).")})
     prompt_init: str = field(default="vocab", metadata={"help": (
         "random (normal, std of the vocab embeddings) | vocab (seeded vocabulary rows) | text "
         "(embeddings of prompt_init_text) | labels (label words' embeddings, then vocab rows).")})
@@ -178,6 +182,9 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("method", self.method, ("infoprompt", "prompt", "probe"))
         _check_choice("estimator", self.estimator, ("authors", "normalized"))
+        _check_choice("prompt_type", self.prompt_type, ("static", "instance"))
+        if self.prompt_type == "instance" and self.method == "probe":
+            raise ConfigError("prompt_type", "method=probe has no prompt; use prompt_type=static")
         self._resolve_method_weights()
         if not (math.isfinite(self.tau) and self.tau > 0):
             raise ConfigError("tau", f"must be a finite number > 0, got {self.tau}")

@@ -19,7 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from . import method, mi
 from .config import ConfigError, TrainConfig, one_line
-from .prompt import SoftPrompt, head_init, init_values
+from .prompt import PromptGenerator, SoftPrompt, head_init, init_values
 
 
 def is_encoder(model_config) -> bool:
@@ -95,6 +95,8 @@ class InfoPromptModel(nn.Module):
         self.backbone = backbone.requires_grad_(False)
         # A linear probe (method=probe) is the same model with no prompt: the baseline the paper omits.
         self.prompt = SoftPrompt(cfg.n_virtual_tokens, hidden) if cfg.method != "probe" else None
+        self.generator = PromptGenerator(cfg.n_virtual_tokens, hidden) \
+            if cfg.prompt_type == "instance" and self.prompt is not None else None
         self.head = nn.Linear(hidden, n_labels)  # the class rows H (+ bias)
         self.token_level = cfg.task_type == "ner"  # NER: the head labels every token
         # The authors' VIB classifier: logits = (W_o u) . H^T + b, u ~ q(u|z). NER keeps plain rows.
@@ -110,7 +112,8 @@ class InfoPromptModel(nn.Module):
         self.n_virtual_tokens = cfg.n_virtual_tokens if self.prompt is not None else 0
         # normalized: z enters the posterior standardised by the unprompted states' statistics (set from the
         # cache with set_z_stats; exported in the meta, so predict standardises the same way).
-        self.standardises = cfg.estimator == "normalized" and (self.vib is not None or self.estimator is not None)
+        self.standardises = cfg.estimator == "normalized" and (self.vib is not None or self.estimator is not None
+                                                               or self.generator is not None)
         self.register_buffer("z_mean", torch.zeros(hidden), persistent=False)
         self.register_buffer("z_std", torch.ones(hidden), persistent=False)
         self.register_buffer("vocab_mean", torch.zeros(hidden), persistent=False)  # set by build_model
@@ -123,7 +126,8 @@ class InfoPromptModel(nn.Module):
     @property
     def needs_unprompted(self) -> bool:
         """z(x, no prompt) is needed: by the estimators and the VIB's KL, or for the z statistics."""
-        return self.estimator is not None or (self.vib is not None and self.kl_weight > 0) or self.standardises
+        return self.estimator is not None or (self.vib is not None and self.kl_weight > 0) or self.standardises \
+            or self.generator is not None
 
     def set_z_stats(self, z_plain: torch.Tensor) -> None:
         """Per-dimension mean and scale of the cached unprompted states: scale_d = sqrt(var_d + E[z^2]).
@@ -194,7 +198,12 @@ class InfoPromptModel(nn.Module):
         embeds = self.backbone.get_input_embeddings()(input_ids)
         b, n = input_ids.shape[0], self.n_virtual_tokens
         prompt = self.prompt.weight.to(embeds.dtype) if self.prompt is not None else embeds.new_zeros(0, embeds.shape[-1])
-        full_embeds = torch.cat([prompt.unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
+        if self.generator is not None:  # instance prompt: (B, n, d), from the (cached) unprompted state
+            if z_unprompted is None:
+                z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)
+            z_in = self.standardise(z_unprompted.to(embeds.dtype))
+            prompt = prompt.unsqueeze(0) + self.generator(z_in.to(self.generator.net[0].weight.dtype)).to(embeds.dtype)
+        full_embeds = torch.cat([prompt if prompt.dim() == 3 else prompt.unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
         full_mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
         full_tt = None
         if token_type_ids is not None:
@@ -251,7 +260,7 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, label_names: list[str
     if hf_ds is not None:
         model._hf_ds_config = hf_ds  # keep alive as long as the model (transformers holds a weakref)
     # The new parts were made outside zero.Init: give them the engine's dtype, or bf16 runs fail.
-    for part in (model.prompt, model.head, model.vib, model.estimator):
+    for part in (model.prompt, model.generator, model.head, model.vib, model.estimator):
         if part is not None:
             part.to(dtype)
     return model

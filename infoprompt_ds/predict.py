@@ -38,13 +38,13 @@ class Predictor:
                           k_shot=None, task_type=meta.get("task_type", "classification"),
                           entity_markers=meta.get("entity_markers", ["<e1>", "</e1>", "<e2>", "</e2>"]),
                           vib_head=bool(meta.get("vib_head", False)), estimator=meta.get("estimator", "normalized"),
-                          bottleneck_dim=meta.get("bottleneck_dim") or 32)
+                          bottleneck_dim=meta.get("bottleneck_dim") or 32, prompt_type=meta.get("prompt_type", "static"))
         from transformers import AutoModel
 
         model_config = load_model_config(cfg)
         backbone = AutoModel.from_pretrained(resolve_model_path(cfg.model_name_or_path), config=model_config)
         model = InfoPromptModel(backbone, len(meta["labels"]), meta["pooling"], cfg)
-        wanted = {k: v for k, v in tensors.items() if k.startswith(("prompt.", "head.", "vib."))}
+        wanted = {k: v for k, v in tensors.items() if k.startswith(("prompt.", "generator.", "head.", "vib."))}
         if meta.get("z_stats"):  # the VIB classifier saw z standardised by the training run's statistics
             model.z_mean.copy_(torch.tensor(meta["z_stats"]["mean"]))
             model.z_std.copy_(torch.tensor(meta["z_stats"]["std"]))

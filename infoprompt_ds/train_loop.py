@@ -374,7 +374,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
                 "bottleneck_dim": cfg.bottleneck_dim if engine.module.vib is not None else None,
                 "vib_head": engine.module.vib is not None, "estimator": cfg.estimator,
-                "z_stats": engine.module.z_stats_meta(), "readout": "linear", "prompt_type": "static",
+                "z_stats": engine.module.z_stats_meta(), "readout": "linear", "prompt_type": cfg.prompt_type,
                 "task_type": cfg.task_type, "entity_markers": cfg.entity_markers}
 
         def eval_and_track(step: int):

@@ -127,16 +127,34 @@ def test_zero_weights_are_bit_identical_to_vanilla_prompt_tuning(tiny_bert, sent
         assert torch.equal(a[k], b[k]), k
 
 
-def test_export_with_vib_predicts_as_evaluation_did(tiny_bert, sentiment_files, tmp_path):
-    """The export carries the classifier (VIB weights, z statistics): predict on the best export scores
-    the test split exactly as the run's own final evaluation did."""
+def test_instance_prompt_starts_as_the_static_prompt_and_then_depends_on_the_input(tiny_llama):
+    _, tok, static = make(tiny_llama, method="prompt", vib_head=False)
+    cfg, _, inst = make(tiny_llama, method="prompt", vib_head=False, prompt_type="instance")
+    b = batch(tok)
+    z0 = inst(**b, unprompted_only=True)["z"]
+    assert torch.equal(static(**b)["logits"], inst(**b)["logits"])  # the generator's last layer starts at 0
+    cfg, _, inst = make(tiny_llama, prompt_type="instance")  # infoprompt: every term reaches the generator
+    out = step(inst, cfg, tok)
+    out["loss"].backward()
+    assert out["prompt"].shape == (4, 4, 32) and inst.generator.net[2].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        inst.generator.net[2].weight.sub_(inst.generator.net[2].weight.grad)  # one SGD step
+    p = inst(**b, labels=torch.tensor([1, 0, 1, 0]), z_unprompted=z0, **noise(cfg))["prompt"]
+    assert not torch.allclose(p[0], p[1])  # each input now gets its own prompt
+
+
+@pytest.mark.parametrize("prompt_type", ["static", "instance"])
+def test_export_with_vib_predicts_as_evaluation_did(tiny_bert, sentiment_files, tmp_path, prompt_type):
+    """The export carries the classifier (VIB weights, z statistics) and the prompt type: predict on the
+    best export scores the test split exactly as the run's own final evaluation did."""
     from infoprompt_ds.predict import Predictor
 
     out = tmp_path / "run"
-    proc = run_cli(tiny_args(tiny_bert, sentiment_files, out, max_steps=6, eval_steps=3))
+    proc = run_cli(tiny_args(tiny_bert, sentiment_files, out, max_steps=6, eval_steps=3, prompt_type=prompt_type))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     meta = json.loads((out / "best" / "infoprompt_config.json").read_text())
     assert meta["vib_head"] and meta["estimator"] == "normalized" and len(meta["z_stats"]["mean"]) == 32
+    assert meta["prompt_type"] == prompt_type
     rows = list(csv.DictReader(open(sentiment_files["test_file"])))
     preds = Predictor.load(str(out / "best"), device="cpu").predict([r["text"] for r in rows])
     acc = sum(p == r["label"] for p, r in zip(preds, rows)) / len(rows)
