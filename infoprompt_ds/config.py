@@ -113,7 +113,7 @@ class TrainConfig:
         "(cosine critics with temperature tau, centred token vectors, standardised z, no cap, fp32): "
         "docs/method.md.")})
     tau: float = field(default=0.1, metadata={"help": "Temperature of the normalized estimator's cosine critics."})
-    vib_head: bool = field(default=True, metadata={"help": (
+    vib_head: bool = field(default=False, metadata={"help": (
         "The authors' VIB classifier: u ~ N(W_mu z, sigma^2) (the mean at evaluation), logits = (W_o u) . H^T + b, "
         "its KL weighted by kl_weight. false: plain class rows on z. NER always uses plain rows.")})
     mi_clamp: float = field(default=2.0, metadata={"help": (

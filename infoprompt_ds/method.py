@@ -34,6 +34,10 @@ class MethodLoss:
     weighted: dict[str, torch.Tensor] = field(default_factory=dict)  # what each adds to `loss`
     passing: dict[str, torch.Tensor] = field(default_factory=dict)  # share of examples passing gradient
     chance: dict[str, torch.Tensor] = field(default_factory=dict)   # log(1 + M): the InfoNCE loss at chance
+    # The prompt tensor the forward used, for the gradient diagnostics. Carried here, not in the output
+    # dict: DeepSpeed's ZeRO-3 hooks replace the output dict's tensors with copies outside the graph.
+    prompt: Optional[torch.Tensor] = None
+    z: Optional[torch.Tensor] = None
 
 
 def assemble(model, logits: torch.Tensor, labels: torch.Tensor, *, z: torch.Tensor, z_plain: Optional[torch.Tensor],
@@ -41,7 +45,7 @@ def assemble(model, logits: torch.Tensor, labels: torch.Tensor, *, z: torch.Tens
              eps_pos: Optional[torch.Tensor], eps_neg: Optional[torch.Tensor], mi_scale: float = 1.0) -> MethodLoss:
     """The training loss of `model` (an InfoPromptModel) for one batch. z_plain = z(x, no prompt)."""
     ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
-    out = MethodLoss(loss=ce, ce=ce)
+    out = MethodLoss(loss=ce, ce=ce, prompt=prompt, z=z)
     if not model.uses_mi:
         return out  # vanilla: nothing else is computed, so the step is exactly prompt tuning's
     est, clamp, tau = model.estimator_kind, model.mi_clamp, model.tau
@@ -85,7 +89,12 @@ class Diagnostics:
         self.warned: set[str] = set()
 
     def add(self, result: dict) -> None:
+        """After engine.backward: accumulate the window; finish the head ratio if grad_ratios ran."""
         m: MethodLoss = result["method"]
+        if getattr(self, "_head_grad", None) is not None and getattr(self, "_total_grad", None) is not None:
+            rest = float((self._total_grad - self._head_grad).norm())
+            self.ratios["head"] = _ratio(float(self._head_grad.norm()), rest)
+        self._head_grad = self._total_grad = None
         for i, t in enumerate(TERMS):
             if t in m.passing:
                 self.sums[2 * i] += float(m.passing[t])
@@ -94,18 +103,26 @@ class Diagnostics:
         self.sums[-1] += 1
 
     def grad_ratios(self, result: dict) -> None:
-        """||grad_P weighted term|| / ||grad_P CE|| on the prompt tensor this forward used. Costs one extra
-        backward per term, so the loop calls it on logging steps only (before engine.backward)."""
+        """How strongly each weighted term pulls on the prompt compared with the rest (Adam follows the larger
+        gradient). Called before engine.backward on logging steps, it never back-propagates through the
+        backbone a second time (ZeRO-3 releases the backbone's gathered weights after one backward):
+        - L_head acts on P directly: ||grad_P gamma*L_head|| over the rest of the step's gradient on P,
+          read from the real backward by a hook on the prompt tensor (finished in `add`);
+        - L_repr and KL reach P only through z, by the same backbone Jacobian as CE: their ratio is taken
+          at z, ||grad_z term|| / ||grad_z CE||."""
         m: MethodLoss = result["method"]
-        p = result.get("prompt")
-        if not self.active or p is None or not p.requires_grad:
+        if not self.active or m.prompt is None or not m.prompt.requires_grad:
             return
-        ce_g = torch.autograd.grad(m.ce, p, retain_graph=True, allow_unused=True)[0]
+        self._head_grad = None
+        if "head" in self.active:
+            self._head_grad = torch.autograd.grad(m.weighted["head"], m.prompt, retain_graph=True)[0].detach()
+            m.prompt.register_hook(lambda g: setattr(self, "_total_grad", g.detach()))
+        ce_g = torch.autograd.grad(m.ce, m.z, retain_graph=True, allow_unused=True)[0]
         ce_norm = float(ce_g.norm()) if ce_g is not None else 0.0
-        for t in self.active:
-            g = torch.autograd.grad(m.weighted[t], p, retain_graph=True, allow_unused=True)[0]
-            norm = float(g.norm()) if g is not None else 0.0
-            self.ratios[t] = norm / ce_norm if ce_norm > 0 else float("inf") if norm > 0 else 0.0
+        for t in ("repr", "kl"):
+            if t in self.active:
+                g = torch.autograd.grad(m.weighted[t], m.z, retain_graph=True, allow_unused=True)[0]
+                self.ratios[t] = _ratio(float(g.norm()) if g is not None else 0.0, ce_norm)
 
     def flush(self) -> dict[str, float]:
         import torch.distributed as dist
@@ -139,3 +156,7 @@ class Diagnostics:
                 self.warned.add(f"dominant/{t}")
                 print(f"warning: train/{t} dominates the prompt's gradient ({ratio:.1f}x CE's); lower its weight "
                       f"(docs/method.md)", flush=True)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else float("inf") if num > 0 else 0.0

@@ -197,7 +197,12 @@ class InfoPromptModel(nn.Module):
             return {"z": self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)}
         embeds = self.backbone.get_input_embeddings()(input_ids)
         b, n = input_ids.shape[0], self.n_virtual_tokens
-        prompt = self.prompt.weight.to(embeds.dtype) if self.prompt is not None else embeds.new_zeros(0, embeds.shape[-1])
+        prompt = embeds.new_zeros(0, embeds.shape[-1])
+        if self.prompt is not None:
+            # "* 1" (exact) makes the prompt this forward uses a non-leaf tensor: the diagnostics take
+            # gradients with respect to it, which must stop here and never run the parameter's own
+            # gradient hooks (ZeRO's reduce hooks would swallow them and add them to the step's gradient).
+            prompt = self.prompt.weight.to(embeds.dtype) * 1
         if self.generator is not None:  # instance prompt: (B, n, d), from the (cached) unprompted state
             if z_unprompted is None:
                 z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)

@@ -72,7 +72,7 @@ def test_authors_estimator_is_capped_at_step0(tiny_bert):
 
 
 def test_normalized_losses_ignore_the_scale_of_hidden_states(tiny_llama):
-    cfg, tok, model = make(tiny_llama, estimator="normalized")
+    cfg, tok, model = make(tiny_llama, estimator="normalized", vib_head=True)
     base = step(model, cfg, tok)["method"]
     model.backbone.register_forward_hook(lambda mod, args, output: output.__class__(
         last_hidden_state=output.last_hidden_state * 100))
@@ -83,7 +83,7 @@ def test_normalized_losses_ignore_the_scale_of_hidden_states(tiny_llama):
 
 
 def test_vib_kl_is_the_classifier_posteriors_mean_kl(tiny_bert):
-    cfg, tok, model = make(tiny_bert, estimator="normalized")
+    cfg, tok, model = make(tiny_bert, estimator="normalized", vib_head=True)
     b = batch(tok)
     out = step(model, cfg, tok)
     z0 = model(**b, unprompted_only=True)["z"]
@@ -98,7 +98,7 @@ def test_vib_kl_is_the_classifier_posteriors_mean_kl(tiny_bert):
 
 
 def test_vib_samples_in_training_and_uses_the_mean_at_eval(tiny_bert):
-    cfg, tok, model = make(tiny_bert)
+    cfg, tok, model = make(tiny_bert, vib_head=True)
     b = batch(tok)
     model.eval()
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_instance_prompt_starts_as_the_static_prompt_and_then_depends_on_the_inp
     b = batch(tok)
     z0 = inst(**b, unprompted_only=True)["z"]
     assert torch.equal(static(**b)["logits"], inst(**b)["logits"])  # the generator's last layer starts at 0
-    cfg, _, inst = make(tiny_llama, prompt_type="instance")  # infoprompt: every term reaches the generator
+    cfg, _, inst = make(tiny_llama, prompt_type="instance", vib_head=True)  # infoprompt: every term reaches the generator
     out = step(inst, cfg, tok)
     out["loss"].backward()
     assert out["prompt"].shape == (4, 4, 32) and inst.generator.net[2].weight.grad.abs().sum() > 0
@@ -143,6 +143,29 @@ def test_instance_prompt_starts_as_the_static_prompt_and_then_depends_on_the_inp
     assert not torch.allclose(p[0], p[1])  # each input now gets its own prompt
 
 
+def test_diagnostics_do_not_change_training(tiny_bert, sentiment_files, tmp_path):
+    """The gradient-ratio diagnostics take extra gradients on logging steps: a real one-rank ZeRO-3 run that
+    logs (and takes them) every step ends with bitwise the same weights as one that logs only at the end,
+    and the ratios it logs are non-zero."""
+    import mlflow
+
+    outs = {}
+    for every in (1, 100):
+        out = tmp_path / f"log{every}"
+        proc = run_cli(tiny_args(tiny_bert, sentiment_files, out, max_steps=4, eval_steps=4, logging_steps=every,
+                                 vib_head="true"))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "passes no gradient" not in proc.stdout
+        outs[every] = load_file(str(out / "export" / "infoprompt.safetensors"))
+    for k in outs[1]:
+        assert torch.equal(outs[1][k], outs[100][k]), k
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = json.loads((tmp_path / "log1" / "metrics.json").read_text())["mlflow_run_id"]
+    for t in ("head", "repr", "kl"):
+        ratios = [m.value for m in client.get_metric_history(run_id, f"train/{t}_grad_ratio")]
+        assert len(ratios) == 4 and all(r > 0 for r in ratios), (t, ratios)
+
+
 @pytest.mark.parametrize("prompt_type", ["static", "instance"])
 def test_export_with_vib_predicts_as_evaluation_did(tiny_bert, sentiment_files, tmp_path, prompt_type):
     """The export carries the classifier (VIB weights, z statistics) and the prompt type: predict on the
@@ -150,7 +173,8 @@ def test_export_with_vib_predicts_as_evaluation_did(tiny_bert, sentiment_files, 
     from infoprompt_ds.predict import Predictor
 
     out = tmp_path / "run"
-    proc = run_cli(tiny_args(tiny_bert, sentiment_files, out, max_steps=6, eval_steps=3, prompt_type=prompt_type))
+    proc = run_cli(tiny_args(tiny_bert, sentiment_files, out, max_steps=6, eval_steps=3, prompt_type=prompt_type,
+                                 vib_head="true"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     meta = json.loads((out / "best" / "infoprompt_config.json").read_text())
     assert meta["vib_head"] and meta["estimator"] == "normalized" and len(meta["z_stats"]["mean"]) == 32

@@ -22,7 +22,7 @@ def batch(tok):
 
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_llama"])
 def test_only_prompt_head_and_estimator_train(request, fixture):
-    cfg, tok, model = make(request.getfixturevalue(fixture))
+    cfg, tok, model = make(request.getfixturevalue(fixture), vib_head=True)
     names = set(trainable_parameters(model))
     assert names and all(n.startswith(("prompt.", "head.", "vib.", "estimator.")) for n in names)
     assert any(n.startswith("estimator.") for n in names) and any(n.startswith("vib.") for n in names)
