@@ -88,20 +88,40 @@ class TrainConfig:
         "infoprompt, prompt (vanilla prompt tuning: the same code path with gamma=beta=kl_weight=0 "
         "and no estimator networks), or probe (no prompt at all: only the head trains, a linear probe).")})
     n_virtual_tokens: int = field(default=16, metadata={"help": "Soft prompt length n."})
+    prompt_type: str = field(default="static", metadata={"help": (
+        "static (one prompt for every input) | instance (the authors' generator: P(x) = P + MLP(z(x, no prompt)), "
+        "MLP d -> 32 -> n*d with GELU, its last layer zero at start so step 0 is the static prompt; its input "
+        "comes from the unprompted cache in training, from an extra no-grad pass at evaluation/predict).")})
     prompt_init: str = field(default="vocab", metadata={"help": (
         "random (normal, std of the vocab embeddings) | vocab (seeded vocabulary rows) | text "
         "(embeddings of prompt_init_text) | labels (label words' embeddings, then vocab rows).")})
     prompt_init_text: Optional[str] = field(default=None, metadata={"help": "Text for prompt_init=text."})
     pooling: str = field(default="auto", metadata={"help": (
         "auto (cls for encoders, last for decoders) | cls (first real token) | last (last non-pad token) | mean.")})
-    gamma: float = field(default=0.1, metadata={"help": "Weight of the head loss L_head (InfoNCE on I(P; H))."})
-    beta: float = field(default=0.2, metadata={"help": "Weight of the representation loss L_repr (InfoNCE on I(P; Z|X))."})
-    kl_weight: float = field(default=0.1, metadata={"help": "Weight of the bottleneck's KL(q(u|z) || N(0, I))."})
+    # The weights default to None = the method's value (0.1, 0.2, 0.1 for infoprompt; 0 for prompt/probe),
+    # so that a weight given to a method that does not use it is an error, not silently dropped.
+    gamma: Optional[float] = field(default=None, metadata={"help": (
+        "Weight of the head loss L_head (InfoNCE on I(P; H)); default 0.1 with method=infoprompt. "
+        "method=prompt/probe refuse a non-zero value.")})
+    beta: Optional[float] = field(default=None, metadata={"help": (
+        "Weight of the representation loss L_repr (InfoNCE on I(P; Z|X)); default 0.2 with method=infoprompt.")})
+    kl_weight: Optional[float] = field(default=None, metadata={"help": (
+        "Weight of KL(q(u|z) || N(0, I)), averaged over the bottleneck's dims; default 0.1 with "
+        "method=infoprompt. With vib_head it is the classifier's rate term (reaches the prompt); without, it "
+        "only regularises the estimator's own posterior.")})
+    estimator: str = field(default="normalized", metadata={"help": (
+        "authors (the authors' code: dot/sqrt(d) critics, the mi_clamp cap; for reproduction) | normalized "
+        "(cosine critics with temperature tau, centred token vectors, standardised z, no cap, fp32): "
+        "docs/method.md.")})
+    tau: float = field(default=0.1, metadata={"help": "Temperature of the normalized estimator's cosine critics."})
+    vib_head: bool = field(default=False, metadata={"help": (
+        "The authors' VIB classifier: u ~ N(W_mu z, sigma^2) (the mean at evaluation), logits = (W_o u) . H^T + b, "
+        "its KL weighted by kl_weight. false: plain class rows on z. NER always uses plain rows.")})
     mi_clamp: float = field(default=2.0, metadata={"help": (
-        "Per-example cap on each InfoNCE loss (the authors' clamp(min=-2) on the log-probability; "
-        "0 = no cap). A capped example passes no gradient, and chance level is log(1 + negatives): "
-        "above 2 from 7 negatives on, so at the default both MI terms can sit at the cap and do nothing "
-        "(train/head = train/repr = 2.0 in the logs).")})
+        "estimator=authors: per-example cap on each InfoNCE loss (the authors' clamp(min=-2) on the "
+        "log-probability; 0 = no cap). A capped example passes no gradient, and chance level is "
+        "log(1 + negatives): above 2 from 7 negatives on, so both terms can sit at the cap and do nothing. "
+        "Unused by estimator=normalized.")})
     k_negatives: int = field(default=4, metadata={"help": "Negatives drawn per example from the unprompted posterior."})
     bottleneck_dim: int = field(default=32, metadata={"help": "Size k of the variational bottleneck u."})
     mi_decay: float = field(default=0.0, metadata={"help": "MI terms are scaled by (1 - mi_decay * epoch / epochs)."})
@@ -167,6 +187,13 @@ class TrainConfig:
             if isinstance(getattr(self, name), str) and getattr(self, name).startswith("~"):
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
         _check_choice("method", self.method, ("infoprompt", "prompt", "probe"))
+        _check_choice("estimator", self.estimator, ("authors", "normalized"))
+        _check_choice("prompt_type", self.prompt_type, ("static", "instance"))
+        if self.prompt_type == "instance" and self.method == "probe":
+            raise ConfigError("prompt_type", "method=probe has no prompt; use prompt_type=static")
+        self._resolve_method_weights()
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ConfigError("tau", f"must be a finite number > 0, got {self.tau}")
         _check_choice("prompt_init", self.prompt_init, ("random", "vocab", "text", "labels"))
         _check_choice("pooling", self.pooling, ("auto", "cls", "last", "mean"))
         _check_choice("metric_for_best_model", self.metric_for_best_model,
@@ -225,9 +252,20 @@ class TrainConfig:
             raise ConfigError("bf16", "bf16 and fp16 cannot both be true")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ConfigError("labels", f"has duplicates: {self.labels}")
-        if self.method in ("prompt", "probe"):
-            # Vanilla prompt tuning is InfoPrompt with every MI weight at zero: one code path, a fair comparison.
-            self.gamma = self.beta = self.kl_weight = 0.0
+
+    def _resolve_method_weights(self):
+        """None -> the method's default. Vanilla prompt tuning (and the probe) is InfoPrompt with every MI
+        weight at zero: one code path, a fair comparison; a non-zero weight given to them is a mistake."""
+        defaults = {"gamma": 0.1, "beta": 0.2, "kl_weight": 0.1}
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if self.method in ("prompt", "probe"):
+                if value not in (None, 0):
+                    raise ConfigError(name, f"is a weight of method=infoprompt; method={self.method} uses none "
+                                      f"(got {value}); drop it or use --method infoprompt")
+                setattr(self, name, 0.0)
+            elif value is None:
+                setattr(self, name, default)
 
     @property
     def uses_mi(self) -> bool:

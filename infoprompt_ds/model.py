@@ -1,6 +1,7 @@
-"""Frozen backbone + soft prompt + task head (+ MI estimator networks); pooling; ZeRO-3 loading.
+"""Frozen backbone + soft prompt + task head (+ VIB classifier, MI estimator networks); pooling; ZeRO-3
+loading. The method as built is described in docs/method.md; its loss is assembled in method.py.
 
-Only `prompt`, `head` and `bottleneck` train. The backbone is loaded with from_pretrained, partitioned
+Only `prompt`, `head`, `vib` and `estimator` train. The backbone is loaded with from_pretrained, partitioned
 at load time when the DeepSpeed config is ZeRO-3 (HfDeepSpeedConfig must exist before from_pretrained).
 """
 
@@ -15,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from . import mi
+from . import method, mi
 from .config import ConfigError, TrainConfig, one_line
 from .gguf_cache import resolve_backbone
 from .internals import keep_alive, masked_lm_model_types, zero3_load_context
-from .prompt import SoftPrompt, head_init, init_values
+from .prompt import PromptGenerator, SoftPrompt, head_init, init_values
 
 
 def is_encoder(model_config) -> bool:
@@ -95,14 +96,59 @@ class InfoPromptModel(nn.Module):
         self.backbone = backbone.requires_grad_(False)
         # A linear probe (method=probe) is the same model with no prompt: the baseline the paper omits.
         self.prompt = SoftPrompt(cfg.n_virtual_tokens, hidden) if cfg.method != "probe" else None
-        self.head = nn.Linear(hidden, n_labels)
-        # Vanilla prompt tuning builds no estimator at all: nothing extra to train, store or compute.
-        self.bottleneck = mi.Bottleneck(hidden, cfg.bottleneck_dim) if cfg.uses_mi else None
-        self.pooling = pooling
+        self.generator = PromptGenerator(cfg.n_virtual_tokens, hidden) \
+            if cfg.prompt_type == "instance" and self.prompt is not None else None
+        self.head = nn.Linear(hidden, n_labels)  # the class rows H (+ bias)
         self.token_level = cfg.task_type == "ner"  # NER: the head labels every token
+        # The authors' VIB classifier: logits = (W_o u) . H^T + b, u ~ q(u|z). NER keeps plain rows.
+        self.vib = mi.Posterior(hidden, cfg.bottleneck_dim) if cfg.vib_head and not self.token_level else None
         self.gamma, self.beta, self.kl_weight = cfg.gamma, cfg.beta, cfg.kl_weight
+        self.uses_mi = cfg.uses_mi
+        # Vanilla prompt tuning builds no estimator at all: nothing extra to train, store or compute.
+        self.estimator = mi.Estimator(hidden, cfg.bottleneck_dim, own_posterior=self.vib is None,
+                                      bilinear=cfg.estimator == "normalized") if cfg.uses_mi else None
+        self.estimator_kind, self.tau = cfg.estimator, cfg.tau
         self.mi_clamp = cfg.mi_clamp or None
+        self.pooling = pooling
         self.n_virtual_tokens = cfg.n_virtual_tokens if self.prompt is not None else 0
+        # normalized: z enters the posterior standardised by the unprompted states' statistics (set from the
+        # cache with set_z_stats; exported in the meta, so predict standardises the same way).
+        self.standardises = cfg.estimator == "normalized" and (self.vib is not None or self.estimator is not None
+                                                               or self.generator is not None)
+        self.register_buffer("z_mean", torch.zeros(hidden), persistent=False)
+        self.register_buffer("z_std", torch.ones(hidden), persistent=False)
+        self.register_buffer("vocab_mean", torch.zeros(hidden), persistent=False)  # set by build_model
+
+    @property
+    def needs_noise(self) -> bool:
+        """Training steps need eps_pos/eps_neg: a VIB classifier samples u; L_repr samples negatives."""
+        return self.vib is not None or self.estimator is not None
+
+    @property
+    def needs_unprompted(self) -> bool:
+        """z(x, no prompt) is needed: by the estimators and the VIB's KL, or for the z statistics."""
+        return self.estimator is not None or (self.vib is not None and self.kl_weight > 0) or self.standardises \
+            or self.generator is not None
+
+    def set_z_stats(self, z_plain: torch.Tensor) -> None:
+        """Per-dimension mean and scale of the cached unprompted states: scale_d = sqrt(var_d + E[z^2]).
+        The variance alone is not enough: on an anisotropic backbone (a [CLS]-pooled or random encoder) a
+        dimension can barely vary across inputs while a prompt moves it by the states' whole magnitude;
+        divided by that spread, z reached |z| ~ 1000 on the tiny test BERT and put the posterior's
+        log-sigma at its clamp (KL ~ 1e8). Adding the mean square keeps the prompted z at O(1)."""
+        z = z_plain.double()  # float64: a large common offset cancels without losing the spread
+        var = z.var(0) if len(z) > 1 else torch.zeros_like(z[0])
+        with torch.no_grad():
+            self.z_mean.copy_(z.mean(0).to(self.z_mean.dtype))
+            self.z_std.copy_((var + z.pow(2).mean()).sqrt().clamp(min=1e-12).to(self.z_std.dtype))
+
+    def z_stats_meta(self) -> Optional[dict]:
+        return {"mean": self.z_mean.float().tolist(), "std": self.z_std.float().tolist()} if self.standardises else None
+
+    def standardise(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.standardises:
+            return z
+        return ((z.double() - self.z_mean.double()) / self.z_std.double()).to(z.dtype)
 
     def train(self, mode: bool = True):
         # The frozen backbone always runs in eval mode (no dropout): it is deterministic, so the cached
@@ -137,15 +183,33 @@ class InfoPromptModel(nn.Module):
             embeds = self.backbone.get_input_embeddings()(input_ids)
             return self._pool(self._encode(embeds, attention_mask, token_type_ids), attention_mask, 0, entity_pos)
 
+    def classify(self, z: torch.Tensor, eps: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits from the representation. VIB: u = mu + sigma * eps in training (the loop passes eps),
+        u = mu at evaluation (eps None); logits = (W_o u) . H^T + b."""
+        if self.vib is None:
+            return self.head(z)
+        mu, log_sigma = self.vib(self.standardise(z))
+        return self.head(self.vib.decode(mi.sample(mu, log_sigma, eps)))
+
     def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None, entity_pos=None,
                 z_unprompted=None, eps_pos=None, eps_neg=None, mi_scale: float = 1.0, unprompted_only: bool = False
-                ) -> dict[str, torch.Tensor]:
+                ) -> dict[str, Any]:
         if unprompted_only:  # routed through forward so that DeepSpeed's engine hooks see the pass
             return {"z": self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)}
         embeds = self.backbone.get_input_embeddings()(input_ids)
         b, n = input_ids.shape[0], self.n_virtual_tokens
-        prompt = self.prompt.weight.to(embeds.dtype) if self.prompt is not None else embeds.new_zeros(0, embeds.shape[-1])
-        full_embeds = torch.cat([prompt.unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
+        prompt = embeds.new_zeros(0, embeds.shape[-1])
+        if self.prompt is not None:
+            # "* 1" (exact) makes the prompt this forward uses a non-leaf tensor: the diagnostics take
+            # gradients with respect to it, which must stop here and never run the parameter's own
+            # gradient hooks (ZeRO's reduce hooks would swallow them and add them to the step's gradient).
+            prompt = self.prompt.weight.to(embeds.dtype) * 1
+        if self.generator is not None:  # instance prompt: (B, n, d), from the (cached) unprompted state
+            if z_unprompted is None:
+                z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)
+            z_in = self.standardise(z_unprompted.to(embeds.dtype))
+            prompt = prompt.unsqueeze(0) + self.generator(z_in.to(self.generator.net[0].weight.dtype)).to(embeds.dtype)
+        full_embeds = torch.cat([prompt if prompt.dim() == 3 else prompt.unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
         full_mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
         full_tt = None
         if token_type_ids is not None:
@@ -153,22 +217,15 @@ class InfoPromptModel(nn.Module):
         hidden = self._encode(full_embeds, full_mask, full_tt)
         z = self._pool(hidden, attention_mask, n, entity_pos)
         # NER: the head scores every input token; the MI terms use the sentence's pooled representation.
-        logits = self.head(hidden[:, n:] if self.token_level else z)
-        out = {"logits": logits, "z": z}
+        logits = self.head(hidden[:, n:]) if self.token_level else self.classify(z, eps_pos)
+        out: dict[str, Any] = {"logits": logits, "z": z}
         if labels is None:
             return out
-        ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
-        out["ce"] = ce
-        loss = ce
-        if self.bottleneck is not None:
-            # E(x) from the prompted pass is reused for the head loss's negatives: no extra lookup.
-            out["head"] = mi.head_loss(prompt, self.head.weight, embeds, attention_mask, self.mi_clamp)
-            if z_unprompted is None:
-                z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)
-            out["repr"], out["kl"] = mi.repr_loss(self.bottleneck, prompt, z, z_unprompted.to(z.dtype),
-                                                  eps_pos.to(z.dtype), eps_neg.to(z.dtype), self.mi_clamp)
-            loss = loss + mi_scale * (self.gamma * out["head"] + self.beta * out["repr"] + self.kl_weight * out["kl"])
-        out["loss"] = loss
+        if z_unprompted is None and self.uses_mi and (self.beta > 0 or self.kl_weight > 0):
+            z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)
+        m = method.assemble(self, logits, labels, z=z, z_plain=z_unprompted, prompt=prompt, embeds=embeds,
+                            attention_mask=attention_mask, eps_pos=eps_pos, eps_neg=eps_neg, mi_scale=mi_scale)
+        out.update(loss=m.loss, ce=m.ce, method=m, prompt=prompt, **m.terms)
         return out
 
 
@@ -200,9 +257,11 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, label_names: list[str
         if words:
             model.head.weight.copy_(head_init(emb, tokenizer, words))
             model.head.bias.zero_()
+        if model.estimator_kind == "normalized":
+            model.vocab_mean.copy_(emb.float().mean(0))
     keep_alive(model, hf_ds)  # as long as the model lives (transformers holds a weakref)
     # The new parts were made outside zero.Init: give them the engine's dtype, or bf16 runs fail.
-    for part in (model.prompt, model.head, model.bottleneck):
+    for part in (model.prompt, model.generator, model.head, model.vib, model.estimator):
         if part is not None:
             part.to(dtype)
     return model

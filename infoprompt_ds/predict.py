@@ -37,14 +37,19 @@ class Predictor:
                           method="probe" if meta["method"] == "probe" else "prompt",
                           n_virtual_tokens=max(1, meta["n_virtual_tokens"]), max_length=meta["max_length"],
                           k_shot=None, task_type=meta.get("task_type", "classification"),
-                          entity_markers=meta.get("entity_markers", ["<e1>", "</e1>", "<e2>", "</e2>"]))
+                          entity_markers=meta.get("entity_markers", ["<e1>", "</e1>", "<e2>", "</e2>"]),
+                          vib_head=bool(meta.get("vib_head", False)), estimator=meta.get("estimator", "normalized"),
+                          bottleneck_dim=meta.get("bottleneck_dim") or 32, prompt_type=meta.get("prompt_type", "static"))
         from transformers import AutoModel
 
         model_config = load_model_config(cfg)
         check_export(export_dir, tensors, meta, model_config.hidden_size, cfg.model_name_or_path)
         backbone = AutoModel.from_pretrained(resolve_model_path(cfg.model_name_or_path), config=model_config)
         model = InfoPromptModel(backbone, len(meta["labels"]), meta["pooling"], cfg)
-        wanted = {k: v for k, v in tensors.items() if k.startswith(("prompt.", "head."))}
+        wanted = {k: v for k, v in tensors.items() if k.startswith(("prompt.", "generator.", "head.", "vib."))}
+        if meta.get("z_stats"):  # the VIB classifier saw z standardised by the training run's statistics
+            model.z_mean.copy_(torch.tensor(meta["z_stats"]["mean"]))
+            model.z_std.copy_(torch.tensor(meta["z_stats"]["std"]))
         missing, unexpected = model.load_state_dict(wanted, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:

@@ -23,6 +23,23 @@ class SoftPrompt(nn.Module):
         return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
 
 
+class PromptGenerator(nn.Module):
+    """The authors' per-input prompt: an MLP d -> 32 -> n*d (GELU) on stopgrad z(x, no prompt), added to
+    the static prompt. Its last layer starts at zero, so at step 0 every input gets the static prompt
+    (the same initialisation as prompt_type=static: the two are compared from the same start)."""
+
+    def __init__(self, n_virtual_tokens: int, hidden_size: int, width: int = 32):
+        super().__init__()
+        self.n = n_virtual_tokens
+        self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, n_virtual_tokens * hidden_size))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, z_plain: torch.Tensor) -> torch.Tensor:
+        """(B, d) -> (B, n, d) offsets to the static prompt."""
+        return self.net(z_plain.detach()).view(z_plain.shape[0], self.n, -1)
+
+
 def word_ids(tokenizer, word: str) -> list[int]:
     """Token ids of a word as it appears mid-sentence (BPE vocabularies mark the leading space)."""
     ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]

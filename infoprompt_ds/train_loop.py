@@ -43,6 +43,7 @@ from . import outdir, preflight
 from .io import write_json_atomic
 from .loss_guard import LossGuard
 from .process_group import init_process_group
+from .method import Diagnostics
 from .metrics import check_metric, compute_metrics
 from .model import build_model, load_model_config, load_tokenizer, model_inputs
 from .tracking import Tracker, check_tracking, run_name_for, run_tags
@@ -208,7 +209,7 @@ class Run:
     guard: LossGuard = field(default_factory=LossGuard)  # NaN/inf, or a finite loss that exploded
     lock: Any = None        # the output_dir lock (outdir.lock_output_dir), held as long as the run
     z_cache: Optional[torch.Tensor] = None  # z(x, no prompt) per training example (cache_unprompted)
-    warned: set[str] = field(default_factory=set)
+    diag: Any = None        # method.Diagnostics: the method's per-window metrics and warnings
     params: Optional[dict[str, Any]] = None  # the tracker's run parameters (a fresh run only)
     bar: Any = None
     status: str = "FAILED"  # the MLflow run status finish()/run() end with
@@ -219,7 +220,7 @@ class Run:
 
     @property
     def has_mi(self) -> bool:
-        return self.engine.module.bottleneck is not None
+        return self.engine.module.uses_mi
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -261,13 +262,16 @@ def setup(cfg: TrainConfig) -> Run:
             "n_virtual_tokens": engine.module.n_virtual_tokens,
             "pooling": engine.module.pooling, "max_length": cfg.max_length, "method": cfg.method,
             "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
-            "bottleneck_dim": cfg.bottleneck_dim if engine.module.bottleneck is not None else None,
+            "bottleneck_dim": cfg.bottleneck_dim if engine.module.vib is not None else None,
+            "vib_head": engine.module.vib is not None, "estimator": cfg.estimator,
+            "z_stats": None,  # set by fit once the unprompted pass has run (estimator=normalized)
+            "readout": "linear", "prompt_type": cfg.prompt_type,
             "task_type": cfg.task_type, "entity_markers": cfg.entity_markers}
     run = Run(cfg, prep.rank, prep.world, device, engine, prep.data, collate, prep.tokenizer, tracker, out,
               prep.total_steps, prep.micro_per_epoch, int(client.get("global_step", 0)), meta, stop, client,
               prep.identity, lock=prep.lock,
               best_metric=client.get("best_metric"), best_step=client.get("best_step"),
-              nonfinite_total=int(client.get("nonfinite_steps", 0)))
+              nonfinite_total=int(client.get("nonfinite_steps", 0)), diag=Diagnostics(cfg, engine.module))
     if not client:  # a resumed run logged its parameters when it started
         # resolved values (pooling, task, warmup...) first: the first value logged for a param wins
         tracker.log_resolved(cfg, prep.data, engine.module.pooling, prep.ds_config)
@@ -300,7 +304,7 @@ def batch_at(run: Run, micro: int, cache: dict[int, list]) -> dict:
 
 def mi_inputs(run: Run, batch: dict, micro: int) -> dict[str, Any]:
     """The InfoPrompt terms' extra inputs: noise, the decaying MI weight, cached z(x, no prompt)."""
-    if not run.has_mi:
+    if not run.engine.module.needs_noise:
         return {}
     cfg = run.cfg
     # Noise from a generator keyed by (seed, micro-step, rank): the same after a resume.
@@ -323,7 +327,11 @@ def train_step(run: Run, batch: dict, micro: int) -> StepOut:
     if not all_min(run.guard.ok(result["loss"].item())):
         retrace_zero3(engine)  # this forward had no backward: start a fresh ZeRO-3 fetch trace
         return StepOut(False, result["loss"].item(), float("nan"), dict.fromkeys(MI_TERMS, 0.0), 0, 0)
+    if (micro + 1) % run.cfg.gradient_accumulation_steps == 0 and (
+            (run.step + 1) % run.cfg.logging_steps == 0 or run.step + 1 == run.total_steps):
+        run.diag.grad_ratios(result)  # the terms' gradients on the prompt, on logging steps only
     engine.backward(result["loss"])
+    run.diag.add(result)
     before = engine.global_steps
     engine.step()
     boundary = engine.global_steps != before
@@ -360,20 +368,10 @@ def log_window(run: Run, window: Window, micro: int) -> None:
             "train/epoch": micro / run.micro_per_epoch}
     if run.has_mi:
         logs.update({f"train/{k}": w.terms[k] / w.micro for k in MI_TERMS})
-    logs = {k: float(v) for k, v in logs.items()}
-    warn_capped_mi(logs, run.cfg, run.rank, run.warned)
+    logs = {k: float(v) for k, v in {**logs, **run.diag.flush()}.items()}
+    run.diag.warn(logs, run.rank)
     run.tracker.log_metrics(logs, run.step)
     run.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", samples_s=f"{logs['train/samples_per_s']:.1f}")
-
-
-def warn_capped_mi(logs: dict[str, float], cfg: TrainConfig, rank: int, warned: set[str]) -> None:
-    """Say once when an MI term sat at its mi_clamp cap for a whole logging window: every example was
-    capped, so the term passed no gradient (chance level log(1 + negatives) is above 2 from 7 negatives)."""
-    for key, weight in (("train/head", cfg.gamma), ("train/repr", cfg.beta)):
-        if rank == 0 and cfg.mi_clamp and weight and key not in warned and logs.get(key, 0.0) >= cfg.mi_clamp - 1e-6:
-            warned.add(key)
-            print(f"warning: {key} = mi_clamp ({cfg.mi_clamp:g}) for every example of this window: the term "
-                  f"passes no gradient; --mi_clamp 0 removes the cap (docs/benchmarks.md, ablation)", flush=True)
 
 
 # --- evaluation and checkpoints ------------------------------------------------------------------------------
@@ -441,9 +439,12 @@ def fit(run: Run) -> Run:
     if run.params is not None:
         run.tracker.log_params(run.params)
         run.tracker.log_artifact(run.out / "ds_config.json")
-    if run.has_mi and cfg.cache_unprompted:
-        run.z_cache = compute_unprompted(engine, run.data.splits["train"], run.collate, cfg, run.world, run.rank,
-                                         run.device, run.tokenizer, run.tracker, run.start_step)
+    if engine.module.needs_unprompted:  # the estimators, the VIB's KL, or the z statistics need it
+        z = compute_unprompted(engine, run.data.splits["train"], run.collate, cfg, run.world, run.rank,
+                               run.device, run.tokenizer, run.tracker, run.start_step)
+        engine.module.set_z_stats(z)  # estimator=normalized standardises z with these
+        run.export_meta["z_stats"] = engine.module.z_stats_meta()  # predict applies the same statistics
+        run.z_cache = z if cfg.cache_unprompted else None
     micro = run.start_step * cfg.gradient_accumulation_steps  # micro-batches consumed so far
     window, epoch_cache = Window(), {}
     run.bar = tqdm(total=run.total_steps, initial=run.start_step, disable=run.rank != 0, desc="train",

@@ -98,7 +98,7 @@ def test_resume_reproduces_uninterrupted_weights(zero3_run, tmp_path):
     assert_ok(proc)
     a = load_file(str(out / "export" / "infoprompt.safetensors"))
     b = load_file(str(resumed / "export" / "infoprompt.safetensors"))
-    assert set(a) == set(b) and any(k.startswith("bottleneck.") for k in a)
+    assert set(a) == set(b) and any(k.startswith("estimator.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bitwise: fp32 on CPU, same data order, same noise
     # the resumed training continued the original MLflow run instead of opening a new one

@@ -57,6 +57,21 @@ def test_unknown_key_in_file(tmp_path):
 def test_vanilla_method_zeroes_mi_weights():
     cfg = TrainConfig(method="prompt")
     assert (cfg.gamma, cfg.beta, cfg.kl_weight) == (0, 0, 0) and not cfg.uses_mi
+    assert TrainConfig(method="probe", gamma=0.0).gamma == 0  # an explicit zero is what the method means
+
+
+@pytest.mark.parametrize("method", ["prompt", "probe"])
+@pytest.mark.parametrize("name", ["gamma", "beta", "kl_weight"])
+def test_a_weight_given_to_a_method_without_it_is_an_error(method, name):
+    with pytest.raises(ConfigError, match=f"^{name}: .*method={method}"):
+        parse_config(["--method", method, f"--{name}", "0.1"])  # 0.1 is infoprompt's default: still refused
+
+
+@pytest.mark.parametrize("argv, field", [(["--estimator", "dot"], "estimator"), (["--tau", "0"], "tau"),
+                                         (["--vib_head", "maybe"], "vib_head")])
+def test_method_choices(argv, field):
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        parse_config(argv)
 
 
 def test_fill_ds_config_autos():

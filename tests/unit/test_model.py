@@ -22,10 +22,10 @@ def batch(tok):
 
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_llama"])
 def test_only_prompt_head_and_estimator_train(request, fixture):
-    cfg, tok, model = make(request.getfixturevalue(fixture))
+    cfg, tok, model = make(request.getfixturevalue(fixture), vib_head=True)
     names = set(trainable_parameters(model))
-    assert names and all(n.startswith(("prompt.", "head.", "bottleneck.")) for n in names)
-    assert any(n.startswith("bottleneck.") for n in names)
+    assert names and all(n.startswith(("prompt.", "head.", "vib.", "estimator.")) for n in names)
+    assert any(n.startswith("estimator.") for n in names) and any(n.startswith("vib.") for n in names)
     assert not any(p.requires_grad for p in model.backbone.parameters())
     out = model(**batch(tok), labels=torch.tensor([1, 0]), eps_pos=torch.randn(2, 32), eps_neg=torch.randn(2, 4, 32))
     assert out["logits"].shape == (2, 2) and {"ce", "head", "repr", "kl", "loss"} <= set(out)
@@ -35,8 +35,8 @@ def test_only_prompt_head_and_estimator_train(request, fixture):
 
 
 def test_vanilla_mode_builds_and_trains_no_estimator(tiny_bert):
-    cfg, tok, model = make(tiny_bert, method="prompt")
-    assert model.bottleneck is None
+    cfg, tok, model = make(tiny_bert, method="prompt", vib_head=False)
+    assert model.estimator is None and model.vib is None
     assert set(trainable_parameters(model)) == {"prompt.weight", "head.weight", "head.bias"}
     out = model(**batch(tok), labels=torch.tensor([1, 0]))
     assert torch.equal(out["loss"], out["ce"]) and "repr" not in out
@@ -82,7 +82,7 @@ def test_encoder_decoder_detection_and_prompt_length(tiny_bert, tiny_llama):
 
 
 def test_probe_trains_only_the_head(tiny_bert):
-    cfg, tok, model = make(tiny_bert, method="probe")
+    cfg, tok, model = make(tiny_bert, method="probe", vib_head=False)
     assert model.prompt is None and set(trainable_parameters(model)) == {"head.weight", "head.bias"}
     out = model(**batch(tok), labels=torch.tensor([1, 0]))
     plain = model.backbone(**batch(tok)).last_hidden_state[:, 0]

@@ -19,6 +19,9 @@ def test_every_logged_name_is_documented():
                                                       "n_test", "total_steps", "trainable_params", "backbone_params"]
     source = (ROOT / "infoprompt_ds" / "train_loop.py").read_text()
     metrics = set(re.findall(r'"((?:train|eval|test)/\w+)"', source))
+    from infoprompt_ds.method import METRIC_NAMES
+
+    metrics |= set(METRIC_NAMES)  # the method's diagnostics, logged through the loop
     from infoprompt_ds import metrics as task_metrics
 
     names = {m for ms in getattr(task_metrics, "METRICS", {}).values() for m in ms} | {"accuracy", "macro_f1", "mcc"}
