@@ -89,6 +89,7 @@ def worker(args) -> None:
     from infoprompt_ds.distributed import backbone_shard_report, retrace_zero3
     from infoprompt_ds.internals import full_numel
     from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
+    from infoprompt_ds.method import Diagnostics
     from infoprompt_ds.train_loop import Run, train_step
 
     rank, local_rank, world = config_from_env_rank()
@@ -142,7 +143,8 @@ def worker(args) -> None:
         """The product's own train_step on a Run that holds only what a step reads."""
         run = Run(cfg=cfg, rank=rank, world=world, device=device, engine=engine, data=None, collate=None,
                   tokenizer=None, tracker=None, out=Path(cfg.output_dir), total_steps=100_000, micro_per_epoch=1,
-                  start_step=0, export_meta={}, stop=None, client={},
+                  start_step=0, export_meta={}, stop=None, client={}, identity={},
+                  diag=Diagnostics(cfg, engine.module),
                   z_cache=z_cache if variant == "infoprompt" else None)  # nocache: a second forward per step
         return lambda: train_step(run, batch, 0)
 

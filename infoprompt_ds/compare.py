@@ -34,7 +34,7 @@ from .tracking import DB_NAME, SWEEPS_ROOT, default_store, non_identity_fields
 IGNORED_PARAMS = {"seed"} | non_identity_fields()
 # Params that only the method sets (prompt tuning forces the MI weights to 0 and has no estimators): they
 # are part of a method's arm, not of the cell in which two methods are compared.
-METHOD_PARAMS = {"gamma", "beta", "kl_weight", "k_negatives", "bottleneck_dim", "mi_decay", "mi_clamp", "cache_unprompted",
+METHOD_PARAMS = {"gamma", "beta", "kl_weight", "k_negatives", "bottleneck_dim", "mi_decay", "mi_clamp", "estimator", "tau", "cache_unprompted",
                  "trainable_params"}
 LOSS_KEYS = ("train/loss", "train/ce", "train/head", "train/repr", "train/kl")
 COMPARISON_TAG = "infoprompt.role"

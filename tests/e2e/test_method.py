@@ -159,7 +159,7 @@ def test_diagnostics_do_not_change_training(tiny_bert, sentiment_files, tmp_path
         outs[every] = load_file(str(out / "export" / "infoprompt.safetensors"))
     for k in outs[1]:
         assert torch.equal(outs[1][k], outs[100][k]), k
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'log1' / 'mlflow.db'}")  # the run's own store
     run_id = json.loads((tmp_path / "log1" / "metrics.json").read_text())["mlflow_run_id"]
     for t in ("head", "repr", "kl"):
         ratios = [m.value for m in client.get_metric_history(run_id, f"train/{t}_grad_ratio")]
