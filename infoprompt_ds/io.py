@@ -6,10 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+
+# The names of the temporaries below: a write killed mid-way leaves one behind, and it is still ours.
+TMP_NAME = re.compile(r"\..+\.tmp\d+(\.[0-9a-f]{8})?")
 
 
 def _tmp_beside(path: Path) -> Path:

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import ConfigError, TrainConfig
+from .io import TMP_NAME
 
 LOCK = ".infoprompt.lock"
 STATE = ("metrics.json", "config.json", "ds_config.json", "export", "best", "checkpoints")
 # What an export folder may hold: ours, plus a PEFT-format adapter and its card written beside it.
 EXPORT_FILES = re.compile(r"infoprompt\.safetensors|infoprompt_config\.json|adapter_.*|README\.md")
-CHECKPOINT_ENTRIES = re.compile(r"latest|\.latest\.tmp\d+|step\d+|zero_to_\w+\.py")  # DeepSpeed adds its converters
+CHECKPOINT_ENTRIES = re.compile(r"latest|step\d+|zero_to_\w+\.py")  # DeepSpeed adds its converters
 
 
 def _state(out: Path) -> list[str]:
@@ -42,6 +43,8 @@ def _foreign(out: Path) -> Optional[Path]:
         d = out / sub
         if d.is_dir():
             for entry in sorted(d.iterdir()):
+                if TMP_NAME.fullmatch(entry.name):
+                    continue  # a temporary of ours, left by a write that was killed (io.atomic_file)
                 if not pattern.fullmatch(entry.name) or (sub == "checkpoints" and entry.name.startswith("step")
                                                           and not entry.is_dir()):
                     return entry

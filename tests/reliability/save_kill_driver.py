@@ -194,6 +194,8 @@ def main(spec: dict) -> dict:
     b = load_file(str(out / "export" / "infoprompt.safetensors"))
     figures["run_seconds"] = DURATIONS
     figures["bitwise_equal"] = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    figures["max_abs_diff"] = max(((a[k] - b[k]).abs().max().item() for k in a), default=0.0) \
+        if set(a) == set(b) else float("inf")
     figures["final_metrics"] = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else None
     figures["reference_metrics"] = json.loads((ref_out / "metrics.json").read_text()) \
         if (ref_out / "metrics.json").exists() else None
