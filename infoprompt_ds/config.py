@@ -480,16 +480,21 @@ def fill_ds_config(ds: dict[str, Any], cfg: TrainConfig, world_size: int, total_
     return out
 
 
+def ds_value(ds: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of a DeepSpeed json ("zero_optimization.stage"), None where absent."""
+    node: Any = ds
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
 def check_ds_config(ds: dict[str, Any]) -> None:
     """What deepspeed.initialize would only find after the process group and the model exist: values of
     the wrong type, unknown optimizer/scheduler names, and whatever DeepSpeed's own config schema rejects."""
     def get(path: str):
-        node: Any = ds
-        for key in path.split("."):
-            if not isinstance(node, dict) or key not in node:
-                return None
-            node = node[key]
-        return node
+        return ds_value(ds, path)
 
     for section in ("optimizer", "scheduler", "optimizer.params", "scheduler.params", "bf16", "fp16"):
         if get(section) is not None and not isinstance(get(section), dict):
