@@ -11,7 +11,6 @@ INFOPROMPT_FUZZ_EXAMPLES (default 50) sets the examples per kind; the report run
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -26,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, tiny_args
-from reliability_lib import record, stderr_lines
+from reliability_lib import prepare_in_process, record, stderr_lines
 
 pytestmark = pytest.mark.reliability
 
@@ -37,46 +36,15 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derando
 TALLY: dict[str, dict[str, int]] = {}
 
 
-class Accepted(Exception):
-    """prepare() passed: the input was not refused."""
-
-
-def run_in_process(argv: list[str], out: Path) -> tuple[object, str, float]:
-    from infoprompt_ds import cli
-    from infoprompt_ds import train_loop as tl
-
-    def first_half(cfg):
-        tl.setup_environment()
-        tl.prepare(cfg)
-        raise Accepted()
-
-    env, real_run = dict(os.environ), tl.run
-    tl.run = first_half
-    err = io.StringIO()
-    t0 = time.perf_counter()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            cli.train_main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    except Accepted:
-        code = "accepted"
-    finally:
-        tl.run = real_run
-        os.environ.clear()
-        os.environ.update(env)
-    return code, err.getvalue(), time.perf_counter() - t0
-
-
 def check(kind: str, argv: list[str], out: Path) -> None:
-    code, err, seconds = run_in_process(argv, out)
+    t0 = time.perf_counter()
+    code, lines, _ = prepare_in_process(argv)  # the real entry point, cut after pre-flight
+    seconds = time.perf_counter() - t0
     tally = TALLY.setdefault(kind, {"tried": 0, "refused": 0})
     tally["tried"] += 1
-    lines = stderr_lines(err)
-    assert code == 2, f"{kind}: not refused (exit {code!r}) for {argv[-6:]}: {err[-500:]}"
+    assert code == 2, f"{kind}: not refused (exit {code!r}) for {argv[-6:]}: {lines[-5:]}"
     assert len(lines) == 1 and lines[0].startswith("error: ") and ": " in lines[0][7:], (kind, lines)
-    assert "Traceback" not in err
+    assert not any("Traceback" in line for line in lines)
     assert seconds < CASE_BOUND_S, (kind, seconds)
     assert not out.exists(), f"{kind}: {out} was created"
     tally["refused"] += 1
