@@ -17,6 +17,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Sequence, load_dataset
 
 from .config import ConfigError, TrainConfig, one_line
 from .data_checks import check_classification_file, check_label_forms, root_cause
+from .readout import LINEAR, Readout
+from . import readout as readouts
 from .tasks import NO_RELATION, PRESETS, normalise_file
 
 LOCAL_FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
@@ -29,6 +31,7 @@ class TaskData:
     splits: DatasetDict  # train/validation/test, tokenized: input_ids, attention_mask, labels, idx (+ entity_pos)
     label_names: list[str]
     label_words: Optional[dict[str, str]]
+    readout: Readout = LINEAR  # the resolved read-out (readout.py): its template/cue are in the token ids
 
 
 def apply_preset(cfg: TrainConfig) -> None:
@@ -234,11 +237,14 @@ def sample_k_shot(train: Dataset, labels: list, names: list[str], k: int, seed: 
     return train.select(sorted(chosen))
 
 
-def encode(tokenizer, cfg_like, texts: list, pairs: Optional[list] = None) -> dict:
+def encode(tokenizer, cfg_like, texts: list, pairs: Optional[list] = None, readout: Readout = LINEAR) -> dict:
     """Token ids for one batch of inputs, as training and predict both need them.
 
     cfg_like needs task_type, max_length and entity_markers. NER: `texts` are token lists; the returned
-    `word_ids` map sub-words to words. Relation: `entity_pos` holds each entity's start-marker token."""
+    `word_ids` map sub-words to words. Relation: `entity_pos` holds each entity's start-marker token.
+    cloze/lm_label: the read-out's template or cue, applied on ids (readout.encode)."""
+    if readout.templated:
+        return readouts.encode(tokenizer, readout, texts, pairs, cfg_like.max_length)
     if cfg_like.task_type == "ner":
         enc = tokenizer(texts, is_split_into_words=True, truncation=True, max_length=cfg_like.max_length)
         enc["word_ids"] = [enc.word_ids(i) for i in range(len(texts))]
@@ -264,7 +270,8 @@ def encode(tokenizer, cfg_like, texts: list, pairs: Optional[list] = None) -> di
     return enc
 
 
-def tokenize(ds: DatasetDict, labels: dict[str, list], tokenizer, cfg: TrainConfig, names: list[str]) -> DatasetDict:
+def tokenize(ds: DatasetDict, labels: dict[str, list], tokenizer, cfg: TrainConfig, names: list[str],
+             readout: Readout = LINEAR) -> DatasetDict:
     label_id = {n: i for i, n in enumerate(names)}
     text_col, pair_col, _ = _columns(cfg)
     out = {}
@@ -275,7 +282,7 @@ def tokenize(ds: DatasetDict, labels: dict[str, list], tokenizer, cfg: TrainConf
         def fn(batch):
             texts = batch[text_col] if cfg.task_type == "ner" else ["" if t is None else str(t) for t in batch[text_col]]
             pairs = ["" if t is None else str(t) for t in batch[pair_col]] if pair_col else None
-            enc = encode(tokenizer, cfg, texts, pairs)
+            enc = encode(tokenizer, cfg, texts, pairs, readout)
             if cfg.task_type == "ner":
                 # The head labels each word once, on its first sub-word; the rest are ignored by the loss.
                 enc["labels"] = []
@@ -301,12 +308,29 @@ def _subsample(part: Dataset, n: Optional[int], seed: int) -> Dataset:
     return part.shuffle(seed=seed).select(range(n))
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> TaskData:
+def resolve_readout(cfg: TrainConfig, tokenizer, model_config, names: list[str]) -> Readout:
+    """cfg.readout (auto|cloze|lm_label|linear) for this backbone and task, checked against the tokenizer."""
+    if model_config is None:
+        from .model import load_model_config
+
+        model_config = load_model_config(cfg)
+    local = cfg.train_file is not None
+    preset = PRESETS.get(cfg.task or (cfg.dataset if not local else ""))
+    ro = readouts.resolve(cfg.readout, model_config, cfg.task_type, cfg.label_words, cfg.text_pair_column is not None,
+                          cfg.template, cfg.cue, cfg.pooling, preset.template if preset else None,
+                          preset.cue if preset else None, cfg.model_name_or_path)
+    readouts.check_tokenizer(ro, tokenizer, [cfg.label_words[n] for n in names] if ro.templated else [],
+                             cfg.max_length)
+    return ro
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, model_config=None) -> TaskData:
     datasets.disable_progress_bars()
     apply_preset(cfg)
     ds = split(load_raw(cfg), cfg)
     check_columns(ds, cfg)
     names, labels = resolve_labels(ds, cfg)
+    ro = resolve_readout(cfg, tokenizer, model_config, names)
     train = ds["train"]
     if cfg.k_shot is not None:
         keep = sample_k_shot(train.add_column("_row", list(range(len(train)))), labels["train"], names, cfg.k_shot,
@@ -320,4 +344,4 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> TaskData:
         parts[name] = part.remove_columns("_row")
     if cfg.task_type == "relation" and cfg.no_relation_label is None:
         cfg.no_relation_label = next((n for n in names if n in NO_RELATION), None)
-    return TaskData(tokenize(DatasetDict(parts), labels, tokenizer, cfg, names), names, cfg.label_words)
+    return TaskData(tokenize(DatasetDict(parts), labels, tokenizer, cfg, names, ro), names, cfg.label_words, ro)

@@ -575,6 +575,8 @@ class Tracker:
                     "label_words": data.label_words,
                     "warmup_steps": sched.get("warmup_num_steps", cfg.warmup_steps),
                     "deepspeed": cfg.deepspeed or "ds_configs/zero3.json"}
+        if getattr(data, "readout", None) is not None:  # readout (auto resolved), template, cue
+            resolved.update({k: v for k, v in data.readout.meta().items() if v is not None})
         self.log_params(resolved)
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
         datasets = []

@@ -121,7 +121,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         verify_checkpoint_files(resume)  # a tampered pickle is refused here, before anything is created
     tokenizer = load_tokenizer(cfg)
     preflight.check_tokenizer(cfg, tokenizer)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, model_config)  # resolves the read-out too (data.readout)
     preflight.check_label_words(cfg, tokenizer, data.label_names)
     preflight.check_validation_labels(cfg, data)
     identity = outdir.run_identity(cfg, data, model_config, world, zero_stage(ds_raw), resume)
@@ -244,7 +244,8 @@ def setup(cfg: TrainConfig) -> Run:
         _prepare_output_dir(cfg, out, prep.ds_config)
 
     torch.manual_seed(cfg.seed)  # head/estimator init: the same on every rank
-    model = build_model(cfg, prep.model_config, prep.tokenizer, prep.data.label_names, dtype, prep.ds_config)
+    model = build_model(cfg, prep.model_config, prep.tokenizer, prep.data.label_names, dtype, prep.ds_config,
+                        prep.data.readout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=prep.ds_config)
     shard = backbone_shard_report(engine.module, prep.rank, prep.world)
@@ -265,7 +266,7 @@ def setup(cfg: TrainConfig) -> Run:
             "bottleneck_dim": cfg.bottleneck_dim if engine.module.vib is not None else None,
             "vib_head": engine.module.vib is not None, "estimator": cfg.estimator,
             "z_stats": None,  # set by fit once the unprompted pass has run (estimator=normalized)
-            "readout": "linear", "prompt_type": cfg.prompt_type,
+            **engine.module.readout.meta(), "prompt_type": cfg.prompt_type,  # readout, template, cue
             "task_type": cfg.task_type, "entity_markers": cfg.entity_markers}
     run = Run(cfg, prep.rank, prep.world, device, engine, prep.data, collate, prep.tokenizer, tracker, out,
               prep.total_steps, prep.micro_per_epoch, int(client.get("global_step", 0)), meta, stop, client,
