@@ -64,6 +64,9 @@ class Predictor:
     def predict(self, texts: list[str], pairs: Optional[list[str]] = None, batch_size: int = 32) -> list:
         """A label per text; NER: a tag per whitespace-separated word; relation: texts carry the markers."""
         names, ner = self.meta["labels"], self.cfg.task_type == "ner"
+        if self.readout.pair and (pairs is None or len(pairs) != len(texts)):
+            raise ConfigError("text_pair", f"this export reads sentence pairs (template/cue of readout="
+                              f"{self.readout.kind}); give one second text per text")
         out = []
         for i in range(0, len(texts), batch_size):
             chunk = [t.split() for t in texts[i:i + batch_size]] if ner else texts[i:i + batch_size]

@@ -73,9 +73,10 @@ def lm_head_kind(model_config) -> Optional[str]:
         return "mlm"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return "causal"
-    from .model import is_encoder
+    from .internals import masked_lm_model_types
 
-    if not is_encoder(model_config) and getattr(model_config, "tie_word_embeddings", False):
+    encoder = model_config.model_type in masked_lm_model_types() and not getattr(model_config, "is_decoder", False)
+    if not encoder and getattr(model_config, "tie_word_embeddings", False):
         return "causal"  # the LM head is the input embedding matrix, which any decoder checkpoint holds
     return None
 
