@@ -201,3 +201,15 @@ def test_predictor_on_an_export_gives_the_models_logits(request, fixture, kind, 
         got = predictor.model(**inputs(predictor.cfg, predictor.tokenizer, predictor.readout, TEXTS + [LONG]))["logits"]
     assert torch.equal(want, got)
     assert predictor.predict(TEXTS + [LONG]) == [NAMES[i] for i in want.argmax(-1).tolist()]
+
+
+def test_unprompted_cache_key_holds_the_readout(tiny_bert_mlm):
+    """z(x, no prompt) under cloze is the MLM transform at the mask of the templated input: a cache file
+    written by a linear run of the same backbone must not serve it (nor one with another template)."""
+    from infoprompt_ds.unprompted_cache import backbone_key
+
+    keys = set()
+    for readout, template in (("linear", None), ("cloze", None), ("cloze", "{x} So it was {mask}.")):
+        cfg, tok, ro, model = make(tiny_bert_mlm, readout, template=template)
+        keys.add(backbone_key(cfg, model, tok))
+    assert len(keys) == 3
