@@ -310,10 +310,15 @@ def _subsample(part: Dataset, n: Optional[int], seed: int) -> Dataset:
 
 def resolve_readout(cfg: TrainConfig, tokenizer, model_config, names: list[str]) -> Readout:
     """cfg.readout (auto|cloze|lm_label|linear) for this backbone and task, checked against the tokenizer."""
-    if model_config is None:
-        from .model import load_model_config
+    if model_config is None:  # callers other than the training loop: the config alone, no other check
+        from transformers import AutoConfig
 
-        model_config = load_model_config(cfg)
+        from .model import resolve_model_path
+
+        try:
+            model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name_or_path))
+        except Exception as e:
+            raise ConfigError("model_name_or_path", f"cannot load {cfg.model_name_or_path!r}: {one_line(e)}")
     local = cfg.train_file is not None
     preset = PRESETS.get(cfg.task or (cfg.dataset if not local else ""))
     ro = readouts.resolve(cfg.readout, model_config, cfg.task_type, cfg.label_words, cfg.text_pair_column is not None,
