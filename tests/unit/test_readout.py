@@ -178,20 +178,23 @@ def test_step0_normalized_terms_pass_gradient_for_every_example(request, fixture
 
 
 @pytest.mark.parametrize("fixture, kind", [("tiny_llama_lm", "lm_label"), ("tiny_bert_mlm", "cloze")])
-def test_predictor_on_an_export_gives_the_models_logits(request, fixture, kind, tmp_path):
-    """The export's meta carries the read-out (and template/cue): Predictor rebuilds the same ids, z and
-    class rows, so its logits equal the trained model's exactly."""
+@pytest.mark.parametrize("prompt_type", ["static", "instance"])
+def test_predictor_on_an_export_gives_the_models_logits(request, fixture, kind, prompt_type, tmp_path):
+    """The export's meta carries the read-out (and template/cue) and the prompt type: Predictor rebuilds the
+    same ids, z (the instance prompt's unprompted pass included) and class rows: the same logits, exactly."""
     from infoprompt_ds.predict import Predictor
 
     path = request.getfixturevalue(fixture)
-    cfg, tok, ro, model = make(path, kind, method="prompt")
+    cfg, tok, ro, model = make(path, kind, method="prompt", prompt_type=prompt_type)
     with torch.no_grad():  # weights unlike step 0's
+        model.set_z_stats(model(**inputs(cfg, tok, ro), unprompted_only=True)["z"])
         for p in trainable_parameters(model).values():
             p.add_(torch.randn_like(p) * 0.1)
     tensors = {k: v.detach().clone() for k, v in trainable_parameters(model).items()}
     save_export(tmp_path / "export", tensors, {
         "backbone": path, "labels": NAMES, "n_virtual_tokens": 4, "pooling": model.pooling, "max_length": 24,
         "method": "prompt", "text_column": "text", "text_pair_column": None, "task_type": "classification",
+        "prompt_type": prompt_type, "estimator": "normalized", "z_stats": model.z_stats_meta(),
         **model.readout.meta()})
     predictor = Predictor.load(str(tmp_path / "export"), device="cpu")
     assert predictor.readout == ro
