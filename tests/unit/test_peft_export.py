@@ -3,7 +3,6 @@ loads it onto the backbone, its prompt equals ours bit for bit, and PEFT's model
 
 import json
 
-import pytest
 import torch
 from peft import PeftModel
 
