@@ -35,8 +35,11 @@ class ConfigError(ValueError):
         super().__init__(f"{name}: {message}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """What the user asked for, validated once and never written to afterwards: what a preset or the
+    data resolve goes into data.Task (data.resolve_task / prepare_data), not back into the config."""
+
     # --- backbone and data -------------------------------------------------------------------------
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": (
         "Frozen backbone: a local folder or a hub name, loaded with from_pretrained. The default is the "
@@ -185,7 +188,7 @@ class TrainConfig:
         for name in ("output_dir", "train_file", "validation_file", "test_file", "deepspeed", "model_name_or_path",
                      "resume_from_checkpoint", "unprompted_cache_dir", "dataset"):  # `~/x` in a YAML/JSON file
             if isinstance(getattr(self, name), str) and getattr(self, name).startswith("~"):
-                setattr(self, name, os.path.expanduser(getattr(self, name)))
+                object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))  # frozen: once, here
         _check_choice("method", self.method, ("infoprompt", "prompt", "probe"))
         _check_choice("estimator", self.estimator, ("authors", "normalized"))
         _check_choice("prompt_type", self.prompt_type, ("static", "instance"))
@@ -263,9 +266,9 @@ class TrainConfig:
                 if value not in (None, 0):
                     raise ConfigError(name, f"is a weight of method=infoprompt; method={self.method} uses none "
                                       f"(got {value}); drop it or use --method infoprompt")
-                setattr(self, name, 0.0)
+                object.__setattr__(self, name, 0.0)
             elif value is None:
-                setattr(self, name, default)
+                object.__setattr__(self, name, default)
 
     @property
     def uses_mi(self) -> bool:
