@@ -45,7 +45,7 @@ class Predictor:
         model_config = load_model_config(cfg)
         check_export(export_dir, tensors, meta, model_config.hidden_size, cfg.model_name_or_path)
         backbone = AutoModel.from_pretrained(resolve_model_path(cfg.model_name_or_path), config=model_config)
-        model = InfoPromptModel(backbone, len(meta["labels"]), meta["pooling"], cfg)
+        model = InfoPromptModel(backbone, len(meta["labels"]), meta["pooling"], cfg, token_level=cfg.task_type == "ner")
         wanted = {k: v for k, v in tensors.items() if k.startswith(("prompt.", "generator.", "head.", "vib."))}
         if meta.get("z_stats"):  # the VIB classifier saw z standardised by the training run's statistics
             model.z_mean.copy_(torch.tensor(meta["z_stats"]["mean"]))
@@ -65,7 +65,7 @@ class Predictor:
         out = []
         for i in range(0, len(texts), batch_size):
             chunk = [t.split() for t in texts[i:i + batch_size]] if ner else texts[i:i + batch_size]
-            enc = encode(self.tokenizer, self.cfg, chunk, pairs[i:i + batch_size] if pairs else None)
+            enc = encode(self.tokenizer, self.cfg.task_type, self.cfg, chunk, pairs[i:i + batch_size] if pairs else None)
             word_ids = enc.pop("word_ids", None)
             batch = self.tokenizer.pad(dict(enc), return_tensors="pt").to(self.device)
             preds = self.model(**model_inputs(batch))["logits"].argmax(-1).tolist()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import REPO_ROOT, ConfigError, load_config_file, parse_config
+from .config import REPO_ROOT, ConfigError, flatten_sections, load_config_file, parse_config
 from .errors import fail
 from .tracking import ENV_PARENT, ENV_TAGS, PARENT_TAG, SWEEPS_ROOT, default_store, non_identity_fields, run_name_for
 
@@ -127,11 +127,11 @@ def load_spec(path: str, overrides: Optional[dict[str, Any]] = None, tracking_ur
     for key in raw:
         if key not in known:
             raise ConfigError(key, f"unknown sweep key in {path}; expected {', '.join(sorted(known))}")
-    base = dict(raw.get("base") or {})
-    base.update(overrides or {})
-    grid = raw.get("grid") or {}
+    base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError("base", "must be a mapping of training field: value")
+    base = {**flatten_sections(base, path), **(overrides or {})}  # flat, or nested by config section
+    grid = raw.get("grid") or {}
     if not isinstance(grid, dict) or not grid:
         raise ConfigError("grid", "must be a non-empty mapping of training field: [values]")
     for key in list(base) + list(grid):

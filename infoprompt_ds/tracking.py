@@ -570,9 +570,11 @@ class Tracker:
         if not self.enabled:
             return
         sched = (ds_config.get("scheduler") or {}).get("params") or {}
-        resolved = {"pooling": pooling, "task": task_name(cfg), "task_type": cfg.task_type,
-                    "metric_for_best_model": cfg.metric_for_best_model, "labels": list(data.label_names),
-                    "label_words": data.label_words,
+        resolved = {"pooling": pooling, "task": task_name(cfg), "task_type": data.task.type,
+                    "metric_for_best_model": data.task.metric, "labels": list(data.label_names),
+                    "label_words": data.task.label_words, "text_column": data.task.text_column,
+                    "text_pair_column": data.task.text_pair_column, "label_column": data.task.label_column,
+                    "no_relation_label": data.task.no_relation_label,
                     "warmup_steps": sched.get("warmup_num_steps", cfg.warmup_steps),
                     "deepspeed": cfg.deepspeed or "ds_configs/zero3.json"}
         self.log_params(resolved)

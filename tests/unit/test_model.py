@@ -5,6 +5,7 @@ import torch
 from transformers import AutoConfig
 
 from infoprompt_ds.config import ConfigError, TrainConfig
+from infoprompt_ds.data import resolve_task
 from infoprompt_ds.model import build_model, is_encoder, load_model_config, load_tokenizer, trainable_parameters
 
 
@@ -12,7 +13,7 @@ def make(path, **over):
     cfg = TrainConfig(model_name_or_path=path, n_virtual_tokens=4, max_length=16,
                       label_words={"neg": "bad", "pos": "good"}, **over)
     tok = load_tokenizer(cfg)
-    return cfg, tok, build_model(cfg, load_model_config(cfg), tok, ["neg", "pos"], torch.float32)
+    return cfg, tok, build_model(cfg, load_model_config(cfg), tok, resolve_task(cfg, ["neg", "pos"]), torch.float32)
 
 
 def batch(tok):
