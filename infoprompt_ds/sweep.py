@@ -28,7 +28,8 @@ from typing import Any, Optional
 
 from .config import REPO_ROOT, ConfigError, load_config_file, parse_config
 from .errors import fail
-from .tracking import ENV_PARENT, ENV_TAGS, PARENT_TAG, SWEEPS_ROOT, default_store, non_identity_fields, run_name_for
+from .run_metadata import ENV_PARENT, ENV_TAGS, PARENT_TAG, non_identity_fields, run_name_for
+from .tracking_store import SWEEPS_ROOT, default_store, experiment_id
 
 # Fields the sweep sets itself for every cell.
 RESERVED = ("output_dir", "run_name", "mlflow_experiment", "resume_from_checkpoint", "overwrite_output_dir",
@@ -280,8 +281,6 @@ def _wait(proc: subprocess.Popen, timeout: Optional[float]) -> int:
 def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepResult:
     from mlflow import MlflowClient
 
-    from .tracking import _experiment_id
-
     cells = expand(spec)
     uri, artifact_location = resolve_uri(spec)
     if dry_run:
@@ -291,7 +290,7 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepResult
     spec.output_root.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
     try:
-        exp_id = _experiment_id(client, spec.experiment, artifact_location)
+        exp_id = experiment_id(client, spec.experiment, artifact_location)
     except Exception as e:  # noqa: BLE001 - the sweep needs the store to know what is done
         raise ConfigError("tracking_uri", f"cannot reach MLflow at {uri}: {str(e).splitlines()[0][:200]}")
     parent_id = _parent_run(client, exp_id, spec)
