@@ -46,8 +46,10 @@ from .process_group import init_process_group
 from .method import Diagnostics
 from .metrics import check_metric, compute_metrics
 from .model import build_model, load_model_config, load_tokenizer, model_inputs
+from .run_metadata import run_name_for, run_tags
+from .tracking import Tracker
+from .tracking_store import check_tracking
 from .tasks import Task
-from .tracking import Tracker, check_tracking, run_name_for, run_tags
 from .unprompted_cache import compute_unprompted
 
 MI_TERMS = ("head", "repr", "kl")  # the InfoPrompt terms the model returns besides loss and ce
