@@ -210,7 +210,10 @@ class InfoPromptModel(nn.Module):
             if z_unprompted is None:
                 z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)
             z_in = self.standardise(z_unprompted.to(embeds.dtype))
-            prompt = prompt.unsqueeze(0) + self.generator(z_in.to(self.generator.net[0].weight.dtype)).to(embeds.dtype)
+            # z_in already has the generator's dtype (the engine's): reading generator.net[0].weight here would
+            # gather it outside its module's forward, into other memory on an engine's first step than on every
+            # later one, and a resumed step would round differently (see mi.head_loss).
+            prompt = prompt.unsqueeze(0) + self.generator(z_in).to(embeds.dtype)
         full_embeds = torch.cat([prompt if prompt.dim() == 3 else prompt.unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
         full_mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
         full_tt = None
