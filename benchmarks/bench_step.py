@@ -88,6 +88,7 @@ def worker(args) -> None:
     from infoprompt_ds.config import TrainConfig, config_from_env_rank, fill_ds_config, load_ds_config
     from infoprompt_ds.distributed import backbone_shard_report, retrace_zero3
     from infoprompt_ds.internals import full_numel
+    from infoprompt_ds.data import resolve_task
     from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
     from infoprompt_ds.method import Diagnostics
     from infoprompt_ds.train_loop import Run, train_step
@@ -123,7 +124,7 @@ def worker(args) -> None:
         tok = load_tokenizer(cfg)
         ds = json.loads(json.dumps(ds_filled))  # the same for every variant: batch, lr, precision, width
         torch.manual_seed(0)
-        model = build_model(cfg, mc, tok, ["neg", "pos"], dtype, ds)
+        model = build_model(cfg, mc, tok, resolve_task(cfg, ["neg", "pos"]), dtype, ds)
         trainable = [p for p in model.parameters() if p.requires_grad]
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
         engine.train()

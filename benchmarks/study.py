@@ -13,6 +13,13 @@ Writes benchmarks/results/study_<tag>.json (per-run results and per-cell summari
 accuracy, steps InfoPrompt needs to reach the best validation accuracy vanilla prompt tuning reaches)
 and benchmarks/results/convergence_<tag>.png.
 
+Arms (--methods, or its alias --arms) are named flag sets (ARMS below): the methods themselves (prompt,
+infoprompt, probe), InfoPrompt variants (infoprompt_authors, head_only, repr_only, kl_only, ...), each with
+the vanilla control it is paired with (CONTROL: e.g. infoprompt_vib vs prompt_vib, so the VIB's effect is
+not credited to the MI terms), and `zeroshot` (no training: the read-out at step 0, benchmarks/zero_shot.py).
+Every arm is paired with its control on the same seeds (same sample, init, data order): per-seed test
+differences, how many seeds went up, and a paired t-test (scipy.stats.ttest_rel) in the summary.
+
 Ablations: --set key=value (any train.py field; applied to every run) and --set_infoprompt key=value
 (InfoPrompt runs only, e.g. gamma/beta/kl_weight), with a distinct --tag.
 """
@@ -27,9 +34,31 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MINILM, RESULTS, ROOT, summarize, write_results  # noqa: E402
+
+# Arm name -> train.py flags. An arm's name is its `method` in the results (older files: the method).
+ARMS: dict[str, dict[str, str]] = {
+    "prompt": {"method": "prompt"},
+    "infoprompt": {"method": "infoprompt"},
+    "probe": {"method": "probe"},
+    "infoprompt_authors": {"method": "infoprompt", "estimator": "authors"},
+    "head_only": {"method": "infoprompt", "beta": "0", "kl_weight": "0"},
+    "repr_only": {"method": "infoprompt", "gamma": "0", "kl_weight": "0"},
+    "kl_only": {"method": "infoprompt", "gamma": "0", "beta": "0"},
+    "prompt_vib": {"method": "prompt", "vib_head": "true"},
+    "infoprompt_vib": {"method": "infoprompt", "vib_head": "true"},
+    "prompt_instance": {"method": "prompt", "prompt_type": "instance"},
+    "infoprompt_instance": {"method": "infoprompt", "prompt_type": "instance"},
+    "prompt_random": {"method": "prompt", "prompt_init": "random"},
+    "infoprompt_random": {"method": "infoprompt", "prompt_init": "random"},
+    "zeroshot": {"method": "prompt"},  # evaluated at its initial weights by zero_shot.py, never trained
+}
+# The arm each arm is compared with, seed by seed (default: vanilla prompt tuning).
+CONTROL = {"infoprompt_vib": "prompt_vib", "infoprompt_instance": "prompt_instance",
+           "infoprompt_random": "prompt_random", "prompt": "zeroshot", "zeroshot": None}  # None: the floor
 
 R8_WORDS = "earn=earn,acq=acquisition,crude=oil,trade=trade,money-fx=currency,interest=interest,ship=ship,grain=grain"
 
@@ -78,18 +107,19 @@ def run_one(spec: dict, args, work: Path) -> dict:
     out = work / "runs" / name
     flags = {"model_name_or_path": backbone_path(spec["backbone"], args.cache),
              **dataset_flags(spec["dataset"], spec["k"], spec["seed"], args.cache, work),
-             "method": spec["method"], "seed": str(spec["seed"]), "output_dir": str(out),
+             **arm_flags(spec["method"]), "seed": str(spec["seed"]), "output_dir": str(out),
              "max_steps": str(args.max_steps), "eval_steps": str(args.eval_steps), "logging_steps": "5",
              "max_eval_samples": str(args.max_eval_samples), "mlflow_experiment": f"study-{args.tag}",
              "run_name": name, "overwrite_output_dir": "true"}
     for kv in args.set:
         k, v = kv.split("=", 1)
         flags[k] = v
-    if spec["method"] == "infoprompt":
+    if flags["method"] == "infoprompt":
         for kv in args.set_infoprompt:
             k, v = kv.split("=", 1)
             flags[k] = v
-    cmd = [sys.executable, str(ROOT / "train.py")] + [x for k, v in flags.items() for x in (f"--{k}", v)]
+    script = ROOT / ("benchmarks/zero_shot.py" if spec["method"] == "zeroshot" else "train.py")
+    cmd = [sys.executable, str(script)] + [x for k, v in flags.items() for x in (f"--{k}", v)]
     metrics_file = out / "metrics.json"
     wall = None
     if not metrics_file.exists() or args.rerun:
@@ -112,10 +142,40 @@ def run_one(spec: dict, args, work: Path) -> dict:
     elif wall_file.exists():  # a reused run keeps the wall time it was measured with
         wall = float(wall_file.read_text())
     m = json.loads(metrics_file.read_text())
-    hist = eval_history(work / "runs" / "mlflow.db", m["mlflow_run_id"])
+    hist = eval_history(work / "runs" / "mlflow.db", m["mlflow_run_id"]) if m.get("mlflow_run_id") else \
+        [(0, m["best_validation_accuracy"])]
     return {**spec, "name": name, "status": "finished", "command": cmd, "wall_s": wall,
             "best_validation_accuracy": m.get("best_validation_accuracy"), "best_step": m.get("best_step"),
-            "test": m["test"], "eval_history": hist, "mlflow_run_id": m["mlflow_run_id"]}
+            "test": m["test"], "eval_history": hist, "mlflow_run_id": m.get("mlflow_run_id")}
+
+
+def arm_flags(arm: str) -> dict[str, str]:
+    if arm not in ARMS:
+        raise SystemExit(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
+    return dict(ARMS[arm])
+
+
+def paired_vs(arm: list[dict], control: list[dict]) -> Optional[dict]:
+    """Per-seed differences of test accuracy (arm - control) on the seeds both ran, the seeds that went
+    up, a paired t-test, and convergence: the steps the arm needs to reach the control's best validation
+    accuracy (None where it never does)."""
+    a, c = {r["seed"]: r for r in arm}, {r["seed"]: r for r in control}
+    seeds = sorted(set(a) & set(c))
+    if not seeds:
+        return None
+    diff = [a[s]["test"]["accuracy"] - c[s]["test"]["accuracy"] for s in seeds]
+    reach = [steps_to_reach(a[s]["eval_history"], c[s]["best_validation_accuracy"]) for s in seeds]
+    out = {"seeds": seeds, "test_acc_diff": summarize(diff), "per_seed_diff": diff,
+           "up": f"{sum(d > 0 for d in diff)}/{len(seeds)}",
+           "steps_to_control_best": reach,
+           "control_steps_to_own_best": [steps_to_reach(c[s]["eval_history"], c[s]["best_validation_accuracy"])
+                                         for s in seeds]}
+    if len(seeds) > 1 and any(d != diff[0] for d in diff):
+        from scipy.stats import ttest_rel
+
+        t = ttest_rel([a[s]["test"]["accuracy"] for s in seeds], [c[s]["test"]["accuracy"] for s in seeds])
+        out["paired_t"] = {"t": float(t.statistic), "p": float(t.pvalue)}
+    return out
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -135,6 +195,11 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "best_validation_accuracy": summarize([r["best_validation_accuracy"] for r in rs]),
                 "best_step": summarize([r["best_step"] for r in rs]),
                 "wall_s": summarize([r["wall_s"] for r in rs if r["wall_s"] is not None])}
+        row["vs_control"] = {}
+        for arm, rs in sorted(by_method.items()):
+            control = CONTROL.get(arm, "prompt")
+            if control not in (None, arm) and control in by_method:
+                row["vs_control"][f"{arm} - {control}"] = paired_vs(rs, by_method[control])
         ip = {r["seed"]: r for r in by_method.get("infoprompt", [])}
         pt = {r["seed"]: r for r in by_method.get("prompt", [])}
         paired = []
@@ -167,7 +232,7 @@ def plot(runs: list[dict], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 3.6), squeeze=False)
     for ax, cell in zip(axes[0], cells):
-        for method in ("infoprompt", "prompt", "probe"):
+        for method in sorted({r["method"] for r in runs}):
             rs = [r for r in runs if r["status"] == "finished" and (r["dataset"], r["backbone"], r["k"]) == cell
                   and r["method"] == method]
             if not rs:
@@ -193,7 +258,8 @@ def main(argv=None):
     ap.add_argument("--backbones", default="minilm")
     ap.add_argument("--k_shots", default="64")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--methods", default="infoprompt,prompt,probe")
+    ap.add_argument("--methods", "--arms", dest="methods", default="infoprompt,prompt,probe",
+                    help=f"arms, comma separated: {', '.join(ARMS)}")
     ap.add_argument("--max_steps", type=int, default=80)
     ap.add_argument("--eval_steps", type=int, default=10)
     ap.add_argument("--max_eval_samples", type=int, default=256)

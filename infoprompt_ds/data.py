@@ -7,6 +7,7 @@ Task families and their file formats live in tasks.py; this module turns any of 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,9 +18,9 @@ from datasets import ClassLabel, Dataset, DatasetDict, Sequence, load_dataset
 
 from .config import ConfigError, TrainConfig, one_line
 from .data_checks import check_classification_file, check_label_forms, root_cause
-from .readout import LINEAR, Readout
 from . import readout as readouts
-from .tasks import NO_RELATION, PRESETS, normalise_file
+from .readout import LINEAR, Readout
+from .tasks import NO_RELATION, PRESETS, Task, normalise_file
 
 LOCAL_FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
                  ".jsonl": ("json", {})}
@@ -29,45 +30,55 @@ IGNORE = -100  # label of sub-words, specials and pads in token classification (
 @dataclass
 class TaskData:
     splits: DatasetDict  # train/validation/test, tokenized: input_ids, attention_mask, labels, idx (+ entity_pos)
-    label_names: list[str]
-    label_words: Optional[dict[str, str]]
+    task: Task           # resolved, with the class names in head-row order
     readout: Readout = LINEAR  # the resolved read-out (readout.py): its template/cue are in the token ids
 
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.task.labels)
 
-def apply_preset(cfg: TrainConfig) -> None:
-    """Fill what a named task preset knows (task type, columns, labels, label words, metric) for every
-    field the user left at its default. `--dataset rotten_tomatoes` (the default) is a preset too."""
+
+def resolve_task(cfg: TrainConfig, labels: Optional[list[str]] = None) -> Task:
+    """The task the config asks for: a named preset (`--dataset rotten_tomatoes`, the default, is one)
+    fills task type, columns, labels, label words and metric for every field the user left at its default.
+    `labels` sets the class names directly (what prepare_data finds in the data; tests and benchmarks)."""
+    task = _resolve_task(cfg)
+    if labels is None:
+        return task
+    words = task.label_words if task.label_words and all(n in task.label_words for n in labels) \
+        else cfg.label_words  # a preset's words name the preset's labels, not these
+    return dataclasses.replace(task, labels=tuple(labels), label_words=words)
+
+
+def _resolve_task(cfg: TrainConfig) -> Task:
     local = cfg.train_file is not None
     name = cfg.task or (cfg.dataset if cfg.dataset in PRESETS and not local else None)
     if name is None:
-        cfg.task_type = "classification" if cfg.task_type == "auto" else cfg.task_type
-        cfg.metric_for_best_model = _default_metric(cfg.task_type) if cfg.metric_for_best_model == "auto" \
-            else cfg.metric_for_best_model
-        return
+        task_type = "classification" if cfg.task_type == "auto" else cfg.task_type
+        return Task(task_type, cfg.text_column, cfg.text_pair_column, cfg.label_column,
+                    tuple(cfg.labels) if cfg.labels else None, cfg.label_words,
+                    _default_metric(task_type) if cfg.metric_for_best_model == "auto" else cfg.metric_for_best_model,
+                    cfg.no_relation_label)
     if name not in PRESETS:
         raise ConfigError("task", f"unknown task {name!r}; presets: {', '.join(PRESETS)}")
     p = PRESETS[name]
-    if cfg.task_type == "auto":
-        cfg.task_type = p.task_type
-    if cfg.text_column == "text":
-        cfg.text_column = p.text_column
-    if cfg.text_pair_column is None:
-        cfg.text_pair_column = p.text_pair_column
-    if cfg.label_column == "label":
-        cfg.label_column = p.label_column
-    if cfg.labels is None and p.labels:
-        cfg.labels = list(p.labels)
-    if cfg.label_words is None and p.label_words:
-        cfg.label_words = dict(p.label_words)
-    if cfg.metric_for_best_model == "auto":
-        cfg.metric_for_best_model = p.metric
+    labels = cfg.labels or p.labels
+    return Task(type=p.task_type if cfg.task_type == "auto" else cfg.task_type,
+                text_column=p.text_column if cfg.text_column == "text" else cfg.text_column,
+                text_pair_column=cfg.text_pair_column or p.text_pair_column,
+                label_column=p.label_column if cfg.label_column == "label" else cfg.label_column,
+                labels=tuple(labels) if labels else None,
+                label_words=cfg.label_words if cfg.label_words is not None else
+                (dict(p.label_words) if p.label_words else None),
+                metric=p.metric if cfg.metric_for_best_model == "auto" else cfg.metric_for_best_model,
+                no_relation_label=cfg.no_relation_label)
 
 
 def _default_metric(task_type: str) -> str:
     return {"classification": "accuracy", "relation": "relation_f1", "ner": "entity_f1"}[task_type]
 
 
-def _load_local(files: dict[str, str], cfg: TrainConfig) -> DatasetDict:
+def _load_local(files: dict[str, str], cfg: TrainConfig, task: Task) -> DatasetDict:
     """files: split -> (field name, path). Validated, normalised by task type, loaded by `load_dataset`."""
     paths = {}
     for split_name, (field_name, f) in files.items():
@@ -76,11 +87,12 @@ def _load_local(files: dict[str, str], cfg: TrainConfig) -> DatasetDict:
             raise ConfigError(field_name, f"file not found: {f}")
         if p.stat().st_size == 0:
             raise ConfigError(field_name, f"{f} is empty")
-        paths[split_name] = normalise_file(f, cfg.task_type, field_name, cfg.entity_markers, cfg.strict_bio, cfg.labels)
+        paths[split_name] = normalise_file(f, task.type, field_name, cfg.entity_markers, cfg.strict_bio,
+                                           list(task.labels) if task.labels else None)
         if Path(paths[split_name]).suffix.lower() not in LOCAL_FORMATS:
-            raise ConfigError(field_name, f"{f}: unsupported format for {cfg.task_type}; use csv, tsv, json or jsonl")
-        if cfg.task_type == "classification":  # name, line and cause of a bad file, before `datasets` reads it
-            check_classification_file(paths[split_name], field_name, list(_columns(cfg)))
+            raise ConfigError(field_name, f"{f}: unsupported format for {task.type}; use csv, tsv, json or jsonl")
+        if task.type == "classification":  # name, line and cause of a bad file, before `datasets` reads it
+            check_classification_file(paths[split_name], field_name, list(_columns(task)))
     formats = {str(LOCAL_FORMATS[Path(p).suffix.lower()]) for p in paths.values()}
     if len(formats) > 1:
         raise ConfigError("train_file", "train/validation/test files must share one format")
@@ -92,29 +104,29 @@ def _load_local(files: dict[str, str], cfg: TrainConfig) -> DatasetDict:
         except Exception as e:  # pyarrow/pandas parse errors: name the file and the cause, keep one line
             field_name, f = files[split_name]
             raise ConfigError(field_name, f"could not read {f}: {one_line(root_cause(e))}")
-    if cfg.task_type == "classification":
-        check_label_forms(parts, files, cfg.label_column, cfg.labels)
+    if task.type == "classification":
+        check_label_forms(parts, files, task.label_column, list(task.labels) if task.labels else None)
     return DatasetDict(parts)
 
 
-def load_raw(cfg: TrainConfig) -> DatasetDict:
+def load_raw(cfg: TrainConfig, task: Task) -> DatasetDict:
     """The dataset's splits as shipped, before any split/sampling."""
     files = {k.replace("_file", ""): (k, getattr(cfg, k)) for k in ("train_file", "validation_file", "test_file")
              if getattr(cfg, k)}
     if files:
         if "train" not in files:
             raise ConfigError("train_file", "is required when validation_file or test_file is given")
-        return _load_local(files, cfg)
+        return _load_local(files, cfg, task)
     preset = PRESETS.get(cfg.task or cfg.dataset)
     if preset is not None and preset.local is not None and (cfg.task or cfg.dataset) in (cfg.task, cfg.dataset):
-        return _load_local({"train": ("dataset", preset.local())}, cfg)
+        return _load_local({"train": ("dataset", preset.local())}, cfg, task)
     if preset is not None and cfg.dataset in (cfg.task, "rotten_tomatoes"):
         name, config_name = preset.hub, preset.hub_config
     else:
         name, config_name = cfg.dataset, cfg.dataset_config_name
     if Path(name).suffix.lower() in LOCAL_FORMATS or Path(name).suffix.lower() in (".txt", ".conll") \
             or Path(name).exists():
-        return _load_local({"train": ("dataset", name)}, cfg)
+        return _load_local({"train": ("dataset", name)}, cfg, task)
     try:
         raw = load_dataset(name, config_name)
     except Exception as e:
@@ -156,15 +168,15 @@ def split(raw: DatasetDict, cfg: TrainConfig) -> DatasetDict:
     return DatasetDict({k: out[k] for k in ("train", "validation", "test")})
 
 
-def _columns(cfg: TrainConfig) -> tuple[str, Optional[str], str]:
+def _columns(task: Task) -> tuple[str, Optional[str], str]:
     """(text, pair, label) column names; normalised relation/NER files use fixed names."""
-    if cfg.task_type == "ner" and cfg.text_column == "text":
-        return "tokens", None, "tags" if cfg.label_column == "label" else cfg.label_column
-    return cfg.text_column, cfg.text_pair_column, cfg.label_column
+    if task.type == "ner" and task.text_column == "text":
+        return "tokens", None, "tags" if task.label_column == "label" else task.label_column
+    return task.text_column, task.text_pair_column, task.label_column
 
 
-def check_columns(ds: DatasetDict, cfg: TrainConfig) -> None:
-    text, pair, label = _columns(cfg)
+def check_columns(ds: DatasetDict, task: Task) -> None:
+    text, pair, label = _columns(task)
     for field_name, col in (("text_column", text), ("text_pair_column", pair), ("label_column", label)):
         if col is None:
             continue
@@ -193,27 +205,28 @@ def _label_strings(part: Dataset, col: str, names: Optional[list[str]]) -> list:
     return [[name(t) for t in v] if isinstance(v, list) else name(v) for v in part[col]]
 
 
-def resolve_labels(ds: DatasetDict, cfg: TrainConfig) -> tuple[list[str], dict[str, list]]:
+def resolve_labels(ds: DatasetDict, task: Task) -> tuple[list[str], dict[str, list]]:
     """Class names in head order (every label in every split must be one of them, and have a label word
     when a verbalizer is given), and each split's labels as strings."""
-    _, _, col = _columns(cfg)
-    per_split = {name: _label_strings(part, col, cfg.labels) for name, part in ds.items()}
+    _, _, col = _columns(task)
+    declared = list(task.labels) if task.labels else None
+    per_split = {name: _label_strings(part, col, declared) for name, part in ds.items()}
 
     def flat(values):
-        return [t for v in values for t in v] if cfg.task_type == "ner" else values
+        return [t for v in values for t in v] if task.type == "ner" else values
 
-    names = cfg.labels or sorted({v for v in flat(per_split["train"]) if v is not None})
+    names = declared or sorted({v for v in flat(per_split["train"]) if v is not None})
     known = set(names)
     for split_name, values in per_split.items():
         for i, v in enumerate(values):
-            for t in (v if cfg.task_type == "ner" else [v]):
+            for t in (v if task.type == "ner" else [v]):
                 if t is None or t not in known:
                     raise ConfigError("labels", f"label {t!r} (row {i} of the {split_name} split) is not one of "
                                       f"{names}; fix the data or pass --labels")
     if len(names) < 2:
         raise ConfigError("labels", f"need at least 2 classes, found {names}")
-    if cfg.label_words is not None:
-        missing = [n for n in names if n not in cfg.label_words]
+    if task.label_words is not None:
+        missing = [n for n in names if n not in task.label_words]
         if missing:
             raise ConfigError("label_words", f"no word for label(s) {missing}; add e.g. {missing[0]}=word")
     return names, per_split
@@ -237,15 +250,16 @@ def sample_k_shot(train: Dataset, labels: list, names: list[str], k: int, seed: 
     return train.select(sorted(chosen))
 
 
-def encode(tokenizer, cfg_like, texts: list, pairs: Optional[list] = None, readout: Readout = LINEAR) -> dict:
+def encode(tokenizer, task_type: str, cfg_like, texts: list, pairs: Optional[list] = None,
+           readout: Readout = LINEAR) -> dict:
     """Token ids for one batch of inputs, as training and predict both need them.
 
-    cfg_like needs task_type, max_length and entity_markers. NER: `texts` are token lists; the returned
+    cfg_like needs max_length and entity_markers. NER: `texts` are token lists; the returned
     `word_ids` map sub-words to words. Relation: `entity_pos` holds each entity's start-marker token.
     cloze/lm_label: the read-out's template or cue, applied on ids (readout.encode)."""
     if readout.templated:
         return readouts.encode(tokenizer, readout, texts, pairs, cfg_like.max_length)
-    if cfg_like.task_type == "ner":
+    if task_type == "ner":
         enc = tokenizer(texts, is_split_into_words=True, truncation=True, max_length=cfg_like.max_length)
         enc["word_ids"] = [enc.word_ids(i) for i in range(len(texts))]
         return enc
@@ -256,7 +270,7 @@ def encode(tokenizer, cfg_like, texts: list, pairs: Optional[list] = None, reado
             enc["input_ids"][i], enc["attention_mask"][i] = [filler], [1]
             if "token_type_ids" in enc:
                 enc["token_type_ids"][i] = [0]
-    if cfg_like.task_type == "relation":
+    if task_type == "relation":
         positions = []
         for i, text in enumerate(texts):
             row = []
@@ -270,20 +284,21 @@ def encode(tokenizer, cfg_like, texts: list, pairs: Optional[list] = None, reado
     return enc
 
 
-def tokenize(ds: DatasetDict, labels: dict[str, list], tokenizer, cfg: TrainConfig, names: list[str],
+def tokenize(ds: DatasetDict, labels: dict[str, list], tokenizer, cfg: TrainConfig, task: Task,
              readout: Readout = LINEAR) -> DatasetDict:
-    label_id = {n: i for i, n in enumerate(names)}
-    text_col, pair_col, _ = _columns(cfg)
+    label_id = {n: i for i, n in enumerate(task.labels)}
+    text_col, pair_col, _ = _columns(task)
+    ner = task.type == "ner"
     out = {}
     for split_name, part in ds.items():
-        part = part.add_column("_label", labels[split_name]) if cfg.task_type != "ner" else \
+        part = part.add_column("_label", labels[split_name]) if not ner else \
             part.add_column("_tags", labels[split_name])
 
         def fn(batch):
-            texts = batch[text_col] if cfg.task_type == "ner" else ["" if t is None else str(t) for t in batch[text_col]]
+            texts = batch[text_col] if ner else ["" if t is None else str(t) for t in batch[text_col]]
             pairs = ["" if t is None else str(t) for t in batch[pair_col]] if pair_col else None
-            enc = encode(tokenizer, cfg, texts, pairs, readout)
-            if cfg.task_type == "ner":
+            enc = encode(tokenizer, task.type, cfg, texts, pairs, readout)
+            if ner:
                 # The head labels each word once, on its first sub-word; the rest are ignored by the loss.
                 enc["labels"] = []
                 for tags, words in zip(batch["_tags"], enc.pop("word_ids")):
@@ -308,8 +323,9 @@ def _subsample(part: Dataset, n: Optional[int], seed: int) -> Dataset:
     return part.shuffle(seed=seed).select(range(n))
 
 
-def resolve_readout(cfg: TrainConfig, tokenizer, model_config, names: list[str]) -> Readout:
-    """cfg.readout (auto|cloze|lm_label|linear) for this backbone and task, checked against the tokenizer."""
+def resolve_readout(cfg: TrainConfig, task: Task, tokenizer, model_config=None) -> Readout:
+    """cfg.readout (auto|cloze|lm_label|linear) for this backbone and resolved task (its labels known),
+    checked against the tokenizer."""
     if model_config is None:  # callers other than the training loop: the config alone, no other check
         from transformers import AutoConfig
 
@@ -321,25 +337,26 @@ def resolve_readout(cfg: TrainConfig, tokenizer, model_config, names: list[str])
             raise ConfigError("model_name_or_path", f"cannot load {cfg.model_name_or_path!r}: {one_line(e)}")
     local = cfg.train_file is not None
     preset = PRESETS.get(cfg.task or (cfg.dataset if not local else ""))
-    ro = readouts.resolve(cfg.readout, model_config, cfg.task_type, cfg.label_words, cfg.text_pair_column is not None,
+    ro = readouts.resolve(cfg.readout, model_config, task.type, task.label_words, task.text_pair_column is not None,
                           cfg.template, cfg.cue, cfg.pooling, preset.template if preset else None,
                           preset.cue if preset else None, cfg.model_name_or_path)
-    readouts.check_tokenizer(ro, tokenizer, [cfg.label_words[n] for n in names] if ro.templated else [],
-                             cfg.max_length)
+    readouts.check_tokenizer(ro, tokenizer, task.words() if ro.templated else [], cfg.max_length)
     return ro
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, model_config=None) -> TaskData:
+    """Load, split, sample and tokenize the task's data; returns it with the resolved task (the config is
+    left as the user gave it) and the resolved read-out (model_config: the backbone's, for readout=auto)."""
     datasets.disable_progress_bars()
-    apply_preset(cfg)
-    ds = split(load_raw(cfg), cfg)
-    check_columns(ds, cfg)
-    names, labels = resolve_labels(ds, cfg)
-    ro = resolve_readout(cfg, tokenizer, model_config, names)
+    task = resolve_task(cfg)
+    ds = split(load_raw(cfg, task), cfg)
+    check_columns(ds, task)
+    names, labels = resolve_labels(ds, task)
+    ro = resolve_readout(cfg, dataclasses.replace(task, labels=tuple(names)), tokenizer, model_config)
     train = ds["train"]
     if cfg.k_shot is not None:
         keep = sample_k_shot(train.add_column("_row", list(range(len(train)))), labels["train"], names, cfg.k_shot,
-                             cfg.seed, cfg.task_type)["_row"]
+                             cfg.seed, task.type)["_row"]
         train, labels["train"] = train.select(keep), [labels["train"][i] for i in keep]
     parts = {"train": train}
     for name in ("validation", "test"):
@@ -347,6 +364,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, model_config=None) -> TaskData:
         part = _subsample(part, cfg.max_eval_samples, cfg.split_seed)
         labels[name] = [labels[name][i] for i in part["_row"]]
         parts[name] = part.remove_columns("_row")
-    if cfg.task_type == "relation" and cfg.no_relation_label is None:
-        cfg.no_relation_label = next((n for n in names if n in NO_RELATION), None)
-    return TaskData(tokenize(DatasetDict(parts), labels, tokenizer, cfg, names, ro), names, cfg.label_words, ro)
+    no_relation = task.no_relation_label
+    if task.type == "relation" and no_relation is None:
+        no_relation = next((n for n in names if n in NO_RELATION), None)
+    task = dataclasses.replace(task, labels=tuple(names), no_relation_label=no_relation)
+    return TaskData(tokenize(DatasetDict(parts), labels, tokenizer, cfg, task, ro), task, ro)

@@ -109,7 +109,15 @@ def head_loss(prompt: torch.Tensor, head: torch.Tensor, token_embeds: torch.Tens
     # normalized: token-space vectors centred by the vocabulary mean (an anisotropic embedding space puts
     # every raw cosine near 1), the head summary mapped by the bilinear critic where it lives elsewhere.
     p, e = p.float() - center.float(), token_embeds.float() - center.float()
-    h = critic(h.to(critic.weight.dtype)).float() if critic is not None else h.float() - center.float()
+    # The critic's input dtype comes from the token embeddings (the engine's dtype, which the critic has too),
+    # never from critic.weight: under ZeRO-3 a parameter read outside its module's forward is gathered by
+    # that read into a fresh (64-byte-aligned) buffer while the fetch trace is being recorded, i.e. on an
+    # engine's first step, and on every later step it is a view into the flat partition at the parameter's
+    # offset (here not 16-byte aligned, on 1 rank). MKL's matrix-vector product rounds the two differently,
+    # so the first step after every resume was 1 ulp off the uninterrupted run. Tests:
+    # tests/unit/test_model.py::test_training_forward_reads_parameters_only_inside_their_modules and
+    # tests/reliability/test_save_kill.py.
+    h = critic(h.to(token_embeds.dtype)).float() if critic is not None else h.float() - center.float()
     pos = cos_score(p, h, tau).expand(token_embeds.shape[0])
     neg = cos_score(e, h, tau)
     return infonce(pos, neg, attention_mask.bool(), None)

@@ -21,6 +21,7 @@ from .config import ConfigError, TrainConfig, one_line
 from .gguf_cache import resolve_backbone
 from .internals import keep_alive, masked_lm_model_types, zero3_load_context
 from .prompt import PromptGenerator, SoftPrompt, head_init, init_values
+from .tasks import Task
 
 
 def is_encoder(model_config) -> bool:
@@ -28,14 +29,15 @@ def is_encoder(model_config) -> bool:
     return model_config.model_type in masked_lm_model_types() and not getattr(model_config, "is_decoder", False)
 
 
-def resolve_pooling(pooling: str, model_config, model_path: str = "", cfg: Optional[TrainConfig] = None) -> str:
+def resolve_pooling(pooling: str, model_config, model_path: str = "", cfg: Optional[TrainConfig] = None,
+                    task_type: str = "classification") -> str:
     """auto: the pooling a sentence-transformers model was trained with (its 1_Pooling/config.json, e.g.
     mean for all-MiniLM-L6-v2: its [CLS] state was never trained to summarise), else cls for encoders
     and last for decoders (the only position that has seen the whole input). Relations pool the entity
     markers (relation_pooling=markers); NER pools the sentence by its mean."""
-    if cfg is not None and cfg.task_type == "relation" and cfg.relation_pooling == "markers":
+    if cfg is not None and task_type == "relation" and cfg.relation_pooling == "markers":
         return "markers"
-    if cfg is not None and cfg.task_type == "ner" and pooling == "auto":
+    if task_type == "ner" and pooling == "auto":
         return "mean"
     if pooling != "auto":
         return pooling
@@ -90,7 +92,7 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 class InfoPromptModel(nn.Module):
-    def __init__(self, backbone: nn.Module, n_labels: int, pooling: str, cfg: TrainConfig,
+    def __init__(self, backbone: nn.Module, n_labels: int, pooling: str, cfg: TrainConfig, token_level: bool = False,
                  readout: readouts.Readout = readouts.LINEAR):
         super().__init__()
         # The read-out (readout.py): with cloze/lm_label the backbone is the *ForMaskedLM/*ForCausalLM model
@@ -104,7 +106,7 @@ class InfoPromptModel(nn.Module):
         self.generator = PromptGenerator(cfg.n_virtual_tokens, hidden) \
             if cfg.prompt_type == "instance" and self.prompt is not None else None
         self.head = nn.Linear(hidden, n_labels)  # the class rows H (+ bias)
-        self.token_level = cfg.task_type == "ner"  # NER: the head labels every token
+        self.token_level = token_level  # NER: the head labels every token
         # The authors' VIB classifier: logits = (W_o u) . H^T + b, u ~ q(u|z). NER keeps plain rows.
         self.vib = mi.Posterior(hidden, cfg.bottleneck_dim) if cfg.vib_head and not self.token_level else None
         self.gamma, self.beta, self.kl_weight = cfg.gamma, cfg.beta, cfg.kl_weight
@@ -217,7 +219,10 @@ class InfoPromptModel(nn.Module):
             if z_unprompted is None:
                 z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos, mask_pos)
             z_in = self.standardise(z_unprompted.to(embeds.dtype))
-            prompt = prompt.unsqueeze(0) + self.generator(z_in.to(self.generator.net[0].weight.dtype)).to(embeds.dtype)
+            # z_in already has the generator's dtype (the engine's): reading generator.net[0].weight here would
+            # gather it outside its module's forward, into other memory on an engine's first step than on every
+            # later one, and a resumed step would round differently (see mi.head_loss).
+            prompt = prompt.unsqueeze(0) + self.generator(z_in).to(embeds.dtype)
         full_embeds = torch.cat([prompt if prompt.dim() == 3 else prompt.unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
         full_mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
         full_tt = None
@@ -256,17 +261,17 @@ def load_backbone(name: str, model_config, readout: readouts.Readout, dtype: Opt
         raise ConfigError("model_name_or_path", f"cannot load weights of {name!r}: {one_line(e)}")
 
 
-def build_model(cfg: TrainConfig, model_config, tokenizer, label_names: list[str],
-                dtype: torch.dtype, ds_config: Optional[dict] = None,
-                readout: readouts.Readout = readouts.LINEAR) -> InfoPromptModel:
+def build_model(cfg: TrainConfig, model_config, tokenizer, task: Task, dtype: torch.dtype,
+                ds_config: Optional[dict] = None, readout: readouts.Readout = readouts.LINEAR) -> InfoPromptModel:
     """from_pretrained (ZeRO-3-partitioned when ds_config says stage 3), then new trainable parts in the
     engine's dtype, initialised from the gathered embedding matrix (and, for cloze/lm_label, the class rows
     from the gathered LM-head/MLM-decoder rows of the label words)."""
     hf_ds = zero3_load_context(ds_config)  # must be alive during from_pretrained: enables zero.Init
     backbone = load_backbone(cfg.model_name_or_path, model_config, readout, dtype)
-    pooling = readout.pooling or resolve_pooling(cfg.pooling, model_config, resolve_model_path(cfg.model_name_or_path), cfg)
-    model = InfoPromptModel(backbone, len(label_names), pooling, cfg, readout)
-    words = [cfg.label_words[n] for n in label_names] if cfg.label_words else None
+    pooling = readout.pooling or resolve_pooling(cfg.pooling, model_config, resolve_model_path(cfg.model_name_or_path),
+                                                 cfg, task.type)
+    model = InfoPromptModel(backbone, len(task.labels), pooling, cfg, token_level=task.type == "ner", readout=readout)
+    words = task.words()
     emb = backbone.get_input_embeddings().weight
     with _gathered([emb]), torch.no_grad():
         if model.prompt is not None:

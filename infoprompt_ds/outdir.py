@@ -156,7 +156,7 @@ def run_identity(cfg: TrainConfig, data, model_config, world: int, stage: int, r
     previous = (read_marker(resume) or {}).get("run", {}) if resume is not None else {}
     return {"run_uid": previous.get("run_uid") or uuid.uuid4().hex,
             "backbone": cfg.model_name_or_path, "hidden_size": model_config.hidden_size, "method": cfg.method,
-            "task_type": cfg.task_type, "labels": list(data.label_names),
+            "task_type": data.task.type, "labels": list(data.label_names),
             "n_virtual_tokens": cfg.n_virtual_tokens if cfg.method != "probe" else 0,
             "bottleneck_dim": cfg.bottleneck_dim if cfg.method == "infoprompt" else None,
             "data": data_fingerprint(data.splits["train"]), "world_size": world, "zero_stage": stage}

@@ -47,7 +47,8 @@ class Predictor:
         model_config = load_model_config(cfg)
         check_export(export_dir, tensors, meta, model_config.hidden_size, cfg.model_name_or_path)
         backbone = load_backbone(cfg.model_name_or_path, model_config, readout)
-        model = InfoPromptModel(backbone, len(meta["labels"]), meta["pooling"], cfg, readout)
+        model = InfoPromptModel(backbone, len(meta["labels"]), meta["pooling"], cfg, token_level=cfg.task_type == "ner",
+                                readout=readout)
         wanted = {k: v for k, v in tensors.items() if k.startswith(("prompt.", "generator.", "head.", "vib."))}
         if meta.get("z_stats"):  # the VIB classifier saw z standardised by the training run's statistics
             model.z_mean.copy_(torch.tensor(meta["z_stats"]["mean"]))
@@ -70,7 +71,8 @@ class Predictor:
         out = []
         for i in range(0, len(texts), batch_size):
             chunk = [t.split() for t in texts[i:i + batch_size]] if ner else texts[i:i + batch_size]
-            enc = encode(self.tokenizer, self.cfg, chunk, pairs[i:i + batch_size] if pairs else None, self.readout)
+            enc = encode(self.tokenizer, self.cfg.task_type, self.cfg, chunk, pairs[i:i + batch_size] if pairs else None,
+                         self.readout)
             word_ids = enc.pop("word_ids", None)
             batch = self.tokenizer.pad(dict(enc), return_tensors="pt").to(self.device)
             preds = self.model(**model_inputs(batch))["logits"].argmax(-1).tolist()

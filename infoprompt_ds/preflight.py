@@ -141,16 +141,17 @@ def check_tokenizer(cfg: TrainConfig, tokenizer) -> None:
         raise ConfigError("prompt_init_text", f"{cfg.prompt_init_text!r} gives no tokens; use a text with words")
 
 
-def check_label_words(cfg: TrainConfig, tokenizer, names: list[str]) -> None:
+def check_label_words(task, tokenizer) -> None:
     """Each label word must give tokens the tokenizer knows: an empty word makes a NaN head row, and words
     that are all [UNK] start every class from the same row."""
-    if not cfg.label_words:
+    if not task.label_words:
         return
+    names = task.labels
     from .prompt import word_ids
 
     unk, unknown = tokenizer.unk_token_id, []
     for name in names:
-        word = cfg.label_words.get(name, "")
+        word = task.label_words.get(name, "")
         ids = word_ids(tokenizer, word) if word.strip() else []
         if not ids:
             raise ConfigError("label_words", f"the word for label {name!r} is empty; give a word, e.g. {name}=good")
@@ -166,12 +167,13 @@ def check_label_words(cfg: TrainConfig, tokenizer, names: list[str]) -> None:
               f"from the [UNK] embedding")
 
 
-def check_validation_labels(cfg: TrainConfig, data) -> None:
+def check_validation_labels(data) -> None:
     """A validation split with one class makes mcc/f1 constant: best-model selection would mean nothing."""
-    if cfg.task_type != "classification" or "validation" not in data.splits:
+    task = data.task
+    if task.type != "classification" or "validation" not in data.splits:
         return
     classes = set(data.splits["validation"]["labels"])
-    if len(classes) < 2 and cfg.metric_for_best_model in ("mcc", "f1", "macro_f1"):
+    if len(classes) < 2 and task.metric in ("mcc", "f1", "macro_f1"):
         _warn(f"metric_for_best_model: the validation split holds one class only "
-              f"({data.label_names[next(iter(classes))]!r}), so {cfg.metric_for_best_model} is constant and picks "
+              f"({data.label_names[next(iter(classes))]!r}), so {task.metric} is constant and picks "
               f"no best model; give a validation_file with every class or use accuracy")

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import REPO_ROOT, ConfigError, load_config_file, parse_config
+from .config import REPO_ROOT, ConfigError, flatten_sections, load_config_file, parse_config
 from .errors import fail
-from .tracking import ENV_PARENT, ENV_TAGS, PARENT_TAG, SWEEPS_ROOT, default_store, non_identity_fields, run_name_for
+from .run_metadata import ENV_PARENT, ENV_TAGS, PARENT_TAG, non_identity_fields, run_name_for
+from .tracking_store import SWEEPS_ROOT, default_store, experiment_id
 
 # Fields the sweep sets itself for every cell.
 RESERVED = ("output_dir", "run_name", "mlflow_experiment", "resume_from_checkpoint", "overwrite_output_dir",
@@ -127,11 +128,11 @@ def load_spec(path: str, overrides: Optional[dict[str, Any]] = None, tracking_ur
     for key in raw:
         if key not in known:
             raise ConfigError(key, f"unknown sweep key in {path}; expected {', '.join(sorted(known))}")
-    base = dict(raw.get("base") or {})
-    base.update(overrides or {})
-    grid = raw.get("grid") or {}
+    base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError("base", "must be a mapping of training field: value")
+    base = {**flatten_sections(base, path), **(overrides or {})}  # flat, or nested by config section
+    grid = raw.get("grid") or {}
     if not isinstance(grid, dict) or not grid:
         raise ConfigError("grid", "must be a non-empty mapping of training field: [values]")
     for key in list(base) + list(grid):
@@ -278,9 +279,9 @@ def _wait(proc: subprocess.Popen, timeout: Optional[float]) -> int:
 
 
 def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepResult:
+    """Every cell of the grid, one training at a time, as child runs of the sweep's parent run; cells with
+    a FINISHED run of the same arguments are skipped, a cell with a checkpoint resumes it."""
     from mlflow import MlflowClient
-
-    from .tracking import _experiment_id
 
     cells = expand(spec)
     uri, artifact_location = resolve_uri(spec)
@@ -291,7 +292,7 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepResult
     spec.output_root.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
     try:
-        exp_id = _experiment_id(client, spec.experiment, artifact_location)
+        exp_id = experiment_id(client, spec.experiment, artifact_location)
     except Exception as e:  # noqa: BLE001 - the sweep needs the store to know what is done
         raise ConfigError("tracking_uri", f"cannot reach MLflow at {uri}: {str(e).splitlines()[0][:200]}")
     parent_id = _parent_run(client, exp_id, spec)
@@ -302,56 +303,69 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepResult
     echo(f"[sweep] {spec.name}: {len(cells)} runs in experiment {spec.experiment!r} at {uri} "
          f"(parent run {parent_id})")
     status = "FAILED"
-    proc = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a scheduler's SIGTERM: stop like Ctrl-C
     try:
         for i, cell in enumerate(cells, 1):
+            progress = f"{i}/{len(cells)}"
             key = (cell.cell_id, cell.args_hash)
             if key in done:
                 result.outcomes.append(Outcome(cell, "SKIPPED", done[key],
                                                scores=_scores_of(Path(cell.args["output_dir"]))))
-                echo(f"[sweep] {i}/{len(cells)} skip {cell.cell_id} (finished: run {done[key]})")
+                echo(f"[sweep] {progress} skip {cell.cell_id} (finished: run {done[key]})")
                 continue
-            out = Path(cell.args["output_dir"])
-            resume = _has_checkpoint(out)
-            _close_stale(client, exp_id, spec, cell, "KILLED" if resume else "FAILED")
-            run_id = None
-            if not resume:
-                # Created here, not by the training, so that a run that crashes before it reaches MLflow
-                # (bad data, out of memory) still shows up as a FAILED run of its cell.
-                tags = {**_cell_tags(spec, cell), PARENT_TAG: parent_id}
-                run_id = client.create_run(exp_id, tags=tags, run_name=cell.args["run_name"]).info.run_id
-            echo(f"[sweep] {i}/{len(cells)} run  {cell.cell_id}" + (" (resuming its checkpoint)" if resume else "")
-                 + f"; log: {out / 'train.log'}")
-            t0 = time.monotonic()
-            proc = launch(spec, cell, uri, parent_id, run_id, resume, out / "train.log")
-            rc = _wait(proc, spec.run_timeout_s)
-            proc = None
-            seconds = time.monotonic() - t0
-            run_id = _run_id_of(out) or run_id
-            scores = _scores_of(out)
-            state = "FINISHED" if rc == 0 else "KILLED" if rc in (EXIT_PREEMPTED, -signal.SIGINT, -signal.SIGTERM) \
-                else "FAILED"
-            if state != "FINISHED":
-                _close_stale(client, exp_id, spec, cell, state)
-            result.outcomes.append(Outcome(cell, state, run_id, seconds, rc, scores))
-            echo(f"[sweep] {i}/{len(cells)} {state.lower()} {cell.cell_id} in {seconds:.0f}s (exit {rc}, run {run_id})")
+            result.outcomes.append(_run_cell(client, exp_id, spec, cell, uri, parent_id, progress, echo))
         status = "FINISHED" if result.ok else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # lets the training save a checkpoint the next sweep resumes
-            _wait(proc, 120)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        counts = {s: sum(o.status == s for o in result.outcomes) for s in ("FINISHED", "SKIPPED", "FAILED", "KILLED")}
-        try:
-            client.log_batch(parent_id, metrics=[_metric(f"sweep/runs_{k.lower()}", v) for k, v in counts.items()])
-            client.set_terminated(parent_id, status=status)
-        except Exception as e:  # noqa: BLE001 - the children's results are in MLflow already
-            print(f"warning: could not close the parent run {parent_id}: {e}", file=sys.stderr)
+        _close_parent(client, parent_id, result, status)
     return result
+
+
+def _run_cell(client, exp_id: str, spec: SweepSpec, cell: Cell, uri: str, parent_id: str, progress: str,
+              echo) -> Outcome:
+    """One training of the grid, to its end (or a stop: Ctrl-C/SIGTERM stops it gracefully, then raises)."""
+    out = Path(cell.args["output_dir"])
+    resume = _has_checkpoint(out)
+    _close_stale(client, exp_id, spec, cell, "KILLED" if resume else "FAILED")
+    run_id = None
+    if not resume:
+        # Created here, not by the training, so that a run that crashes before it reaches MLflow
+        # (bad data, out of memory) still shows up as a FAILED run of its cell.
+        tags = {**_cell_tags(spec, cell), PARENT_TAG: parent_id}
+        run_id = client.create_run(exp_id, tags=tags, run_name=cell.args["run_name"]).info.run_id
+    echo(f"[sweep] {progress} run  {cell.cell_id}" + (" (resuming its checkpoint)" if resume else "")
+         + f"; log: {out / 'train.log'}")
+    t0 = time.monotonic()
+    proc = launch(spec, cell, uri, parent_id, run_id, resume, out / "train.log")
+    try:
+        rc = _wait(proc, spec.run_timeout_s)
+    except KeyboardInterrupt:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # lets the training save a checkpoint the next sweep resumes
+            _wait(proc, 120)
+        raise
+    seconds = time.monotonic() - t0
+    run_id = _run_id_of(out) or run_id
+    scores = _scores_of(out)
+    state = "FINISHED" if rc == 0 else "KILLED" if rc in (EXIT_PREEMPTED, -signal.SIGINT, -signal.SIGTERM) \
+        else "FAILED"
+    if state != "FINISHED":
+        _close_stale(client, exp_id, spec, cell, state)
+    echo(f"[sweep] {progress} {state.lower()} {cell.cell_id} in {seconds:.0f}s (exit {rc}, run {run_id})")
+    return Outcome(cell, state, run_id, seconds, rc, scores)
+
+
+def _close_parent(client, parent_id: str, result: SweepResult, status: str) -> None:
+    """The parent run ends with the sweep's status and how many runs finished, were skipped, failed, killed."""
+    counts = {s: sum(o.status == s for o in result.outcomes) for s in ("FINISHED", "SKIPPED", "FAILED", "KILLED")}
+    try:
+        client.log_batch(parent_id, metrics=[_metric(f"sweep/runs_{k.lower()}", v) for k, v in counts.items()])
+        client.set_terminated(parent_id, status=status)
+    except Exception as e:  # noqa: BLE001 - the children's results are in MLflow already
+        print(f"warning: could not close the parent run {parent_id}: {e}", file=sys.stderr)
 
 
 def _raise_interrupt(signum, frame):

@@ -67,6 +67,25 @@ class Preset:
     cue: Optional[str] = None       # readout=lm_label: the text after the input (None: readout.CUE)
 
 
+@dataclass(frozen=True)
+class Task:
+    """What the run's task resolved to: the user's fields, filled from the preset where left at their
+    defaults (data.resolve_task), then the class names and no-relation class from the data (prepare_data).
+    The config itself is never written to: it stays what the user asked for."""
+    type: str                      # classification | relation | ner
+    text_column: str
+    text_pair_column: Optional[str]
+    label_column: str
+    labels: Optional[tuple[str, ...]]  # before the data: as declared (or None); after: the head's row order
+    label_words: Optional[dict]    # label -> word (the verbaliser), or None
+    metric: str                    # metric_for_best_model
+    no_relation_label: Optional[str] = None  # relation: the class relation_f1 leaves out
+
+    def words(self) -> Optional[list[str]]:
+        """The label words in head-row order, or None without a verbaliser."""
+        return [self.label_words[n] for n in self.labels] if self.label_words and self.labels else None
+
+
 SENTIMENT_CUE = "\nSentiment:"
 ENTAIL_CUE = "\nQuestion: does the first text imply the second?\nAnswer:"
 PARAPHRASE_CUE = "\nQuestion: do the two texts say the same?\nAnswer:"

@@ -46,7 +46,10 @@ from .process_group import init_process_group
 from .method import Diagnostics
 from .metrics import check_metric, compute_metrics
 from .model import build_model, load_model_config, load_tokenizer, model_inputs
-from .tracking import Tracker, check_tracking, run_name_for, run_tags
+from .run_metadata import run_name_for, run_tags
+from .tracking import Tracker
+from .tracking_store import check_tracking
+from .tasks import Task
 from .unprompted_cache import compute_unprompted
 
 MI_TERMS = ("head", "repr", "kl")  # the InfoPrompt terms the model returns besides loss and ce
@@ -122,12 +125,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
     tokenizer = load_tokenizer(cfg)
     preflight.check_tokenizer(cfg, tokenizer)
     data = prepare_data(cfg, tokenizer, model_config)  # resolves the read-out too (data.readout)
-    preflight.check_label_words(cfg, tokenizer, data.label_names)
-    preflight.check_validation_labels(cfg, data)
+    preflight.check_label_words(data.task, tokenizer)
+    preflight.check_validation_labels(data)
     identity = outdir.run_identity(cfg, data, model_config, world, zero_stage(ds_raw), resume)
     if resume is not None:
         outdir.check_resume(resume, identity)  # before any weight: refuse another run's checkpoint
-    problem = check_metric(cfg.task_type, cfg.metric_for_best_model, len(data.label_names))
+    problem = check_metric(data.task.type, data.task.metric, len(data.label_names))
     if problem:
         raise ConfigError("metric_for_best_model", problem)
     micro_per_epoch, total_steps = plan_steps(cfg, len(data.splits["train"]), world)
@@ -244,8 +247,8 @@ def setup(cfg: TrainConfig) -> Run:
         _prepare_output_dir(cfg, out, prep.ds_config)
 
     torch.manual_seed(cfg.seed)  # head/estimator init: the same on every rank
-    model = build_model(cfg, prep.model_config, prep.tokenizer, prep.data.label_names, dtype, prep.ds_config,
-                        prep.data.readout)
+    task = prep.data.task
+    model = build_model(cfg, prep.model_config, prep.tokenizer, task, dtype, prep.ds_config, prep.data.readout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=prep.ds_config)
     shard = backbone_shard_report(engine.module, prep.rank, prep.world)
@@ -253,7 +256,7 @@ def setup(cfg: TrainConfig) -> Run:
     write_json_atomic(out / "ranks" / f"rank{prep.rank}.json", shard)
 
     # NER labels are per token and need padding too (with the loss's ignore index).
-    collate = DataCollatorForTokenClassification(prep.tokenizer, return_tensors="pt") if cfg.task_type == "ner" \
+    collate = DataCollatorForTokenClassification(prep.tokenizer, return_tensors="pt") if task.type == "ner" \
         else DataCollatorWithPadding(prep.tokenizer, return_tensors="pt")
     client = load_checkpoint(engine, prep.resume) if prep.resume is not None else {}
     tracker = Tracker(enabled=prep.rank == 0)
@@ -262,12 +265,13 @@ def setup(cfg: TrainConfig) -> Run:
     meta = {"backbone": cfg.model_name_or_path, "labels": prep.data.label_names,
             "n_virtual_tokens": engine.module.n_virtual_tokens,
             "pooling": engine.module.pooling, "max_length": cfg.max_length, "method": cfg.method,
-            "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
+            "text_column": task.text_column, "text_pair_column": task.text_pair_column,
             "bottleneck_dim": cfg.bottleneck_dim if engine.module.vib is not None else None,
             "vib_head": engine.module.vib is not None, "estimator": cfg.estimator,
             "z_stats": None,  # set by fit once the unprompted pass has run (estimator=normalized)
             **engine.module.readout.meta(), "prompt_type": cfg.prompt_type,  # readout, template, cue
-            "task_type": cfg.task_type, "entity_markers": cfg.entity_markers}
+            "task_type": task.type, "entity_markers": cfg.entity_markers, "label_words": task.label_words,
+            "metric": task.metric}
     run = Run(cfg, prep.rank, prep.world, device, engine, prep.data, collate, prep.tokenizer, tracker, out,
               prep.total_steps, prep.micro_per_epoch, int(client.get("global_step", 0)), meta, stop, client,
               prep.identity, lock=prep.lock,
@@ -377,10 +381,10 @@ def log_window(run: Run, window: Window, micro: int) -> None:
 
 # --- evaluation and checkpoints ------------------------------------------------------------------------------
 
-def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, names: list[str], device) -> dict:
+def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, task: Task, device) -> dict:
     def rows_of(batch):
         preds, labels = engine(**model_inputs(batch))["logits"].argmax(-1), batch["labels"]
-        if cfg.task_type == "ner":  # one tag per word: the positions the loss does not ignore
+        if task.type == "ner":  # one tag per word: the positions the loss does not ignore
             keep = labels != -100
             return [(i, p[k].tolist(), y[k].tolist()) for i, p, y, k in zip(batch["idx"].tolist(), preds, labels, keep)]
         return list(zip(batch["idx"].tolist(), preds.tolist(), labels.tolist()))
@@ -388,29 +392,30 @@ def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, na
     rows = no_grad_pass(engine, split, collate, cfg.per_device_eval_batch_size, world, rank, device, rows_of)
     by_idx = {i: (p, y) for i, p, y in rows}  # drops the sampler's padding duplicates
     preds, labels = zip(*by_idx.values())
-    return compute_metrics(cfg.task_type, list(preds), list(labels), names, cfg.no_relation_label, cfg.strict_bio)
+    return compute_metrics(task.type, list(preds), list(labels), list(task.labels), task.no_relation_label,
+                           cfg.strict_bio)
 
 
 def validate(run: Run, split: str = "validation") -> dict[str, float]:
     """Metrics of the current weights on a split. Collective."""
     return evaluate(run.engine, run.data.splits[split], run.collate, run.cfg, run.world, run.rank,
-                    run.data.label_names, run.device)
+                    run.data.task, run.device)
 
 
 def validate_and_track(run: Run, step: int) -> dict[str, float]:
     """Validation metrics to the tracker; a new best is exported to output_dir/best."""
-    cfg = run.cfg
+    metric = run.data.task.metric
     metrics = validate(run, "validation")
     run.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
-    value = metrics[cfg.metric_for_best_model]
+    value = metrics[metric]
     if run.best_metric is None or value > run.best_metric:
         run.best_metric, run.best_step = value, step
         tensors = gather_trainable(run.engine)
         if run.rank == 0:
-            save_export(run.out / "best", tensors, {**run.export_meta, "step": step, cfg.metric_for_best_model: value})
+            save_export(run.out / "best", tensors, {**run.export_meta, "step": step, metric: value})
     if run.rank == 0:
         tqdm.write(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                   + f" (best {cfg.metric_for_best_model}={run.best_metric:.4f} @ {run.best_step})")
+                   + f" (best {metric}={run.best_metric:.4f} @ {run.best_step})")
     return metrics
 
 
@@ -492,13 +497,13 @@ def finish(run: Run) -> dict[str, Any]:
     test_metrics = validate(run, "test")
     run.tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, run.step)
     result = {"global_step": run.step, "best_step": run.best_step,
-              f"best_validation_{cfg.metric_for_best_model}": run.best_metric,
+              f"best_validation_{run.data.task.metric}": run.best_metric,
               "test": test_metrics, "test_weights": "best" if cfg.load_best_model_at_end else "last",
               "mlflow_run_id": run.tracker.run_id, "world_size": run.world}
     if run.rank == 0:
         print("[test] " + " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()), flush=True)
         run.tracker.log_artifact(out / "export", "export")
-        run.tracker.log_best(out, result, cfg.model_name_or_path, cfg.task_type)
+        run.tracker.log_best(out, result, cfg.model_name_or_path, run.data.task.type)
         write_json_atomic(out / "metrics.json", result)
         run.tracker.log_artifact(out / "metrics.json")
     run.status = "FINISHED"

@@ -41,11 +41,11 @@ def main(argv: list[str]) -> int:
     out = Path(cfg.output_dir) if given else Path("outputs") / job_tag
     out = out.resolve()
     try:
-        from infoprompt_ds.tracking import default_tracking_uri
+        from infoprompt_ds.tracking_store import default_tracking_uri
 
         uri = default_tracking_uri(str(out))[0]
     except Exception:  # the URI is only shown to the user; never fail a job over it
-        uri = "(see infoprompt_ds/tracking.py)"
+        uri = "(see infoprompt_ds/tracking_store.py)"
     print(out)
     print("given" if given else "default")
     print(uri)

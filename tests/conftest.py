@@ -203,11 +203,12 @@ def build_in_process(model_dir: str, files: dict, out: Path, **over):
     import torch
 
     from infoprompt_ds.config import parse_config
+    from infoprompt_ds.data import resolve_task
     from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
 
     cfg = parse_config(tiny_args(model_dir, files, out, **over))
     tok = load_tokenizer(cfg)
-    return cfg, tok, build_model(cfg, load_model_config(cfg), tok, ["neg", "pos"], torch.float32)
+    return cfg, tok, build_model(cfg, load_model_config(cfg), tok, resolve_task(cfg, ["neg", "pos"]), torch.float32)
 
 
 def assert_results_meta(doc: dict) -> None:

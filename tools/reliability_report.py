@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     if mlflow:
         r = mlflow[0]
         md += [f"`mlflow server`/`mlflow ui` commands in README.md and docs/: {r['commands_checked']} checked; "
-               "`infoprompt_ds.tracking.LocalServer` and docs/tracking.md bind to 127.0.0.1 (mlflow's own default "
+               "`infoprompt_ds.tracking_store.LocalServer` and docs/tracking.md bind to 127.0.0.1 (mlflow's own default "
                "when `--host` is absent is 127.0.0.1 too). Explicit opt-ins to another interface: "
                + ("; ".join(f"`{c}`" for c in r["explicit_non_local"]) or "none") + ".", ""]
     md += ["## Adversarial cases (issue 15)", "",

@@ -78,13 +78,19 @@ def test_study_smoke(tiny_bert_long, tmp_path, capsys):
               "--set", f"train_file={files['train']}", "--set", f"validation_file={files['validation']}",
               "--set", f"test_file={files['test']}", "--set", "label_words=pos=good,neg=bad",
               "--set", "n_virtual_tokens=2", "--set", "max_length=16", "--set", "per_device_train_batch_size=4"]
-    study.main(common + ["--methods", "infoprompt,prompt", "--tag", "smoke", "--results", str(out)])
+    study.main(common + ["--seeds", "0,1", "--methods", "infoprompt,prompt,zeroshot", "--tag", "smoke",
+                         "--results", str(out)])
     doc = json.loads(out.read_text())
     assert_results_meta(doc)
-    assert doc["n_finished"] == 2, [r.get("status") for r in doc["runs"]]
+    assert doc["n_finished"] == 6, [r.get("status") for r in doc["runs"]]
     cell = doc["summary"][0]
-    assert set(cell["methods"]) == {"infoprompt", "prompt"}
+    assert set(cell["methods"]) == {"infoprompt", "prompt", "zeroshot"}
     assert cell["infoprompt_vs_prompt"]["per_seed"][0]["target_val_acc"] is not None
+    # each arm paired with its control on the same seeds: infoprompt vs prompt, prompt vs the zero-shot read-out
+    vs = cell["vs_control"]
+    assert set(vs) == {"infoprompt - prompt", "prompt - zeroshot"} and vs["infoprompt - prompt"]["seeds"] == [0, 1]
+    zs = [r for r in doc["runs"] if r["method"] == "zeroshot"]
+    assert all(r["best_step"] == 0 and "zero_shot.py" in " ".join(r["command"]) for r in zs)
     assert (out.parent / "convergence_smoke.png").is_file()
 
     # an ablation of InfoPrompt's loss weight, paired by seed with the base grid's prompt tuning run

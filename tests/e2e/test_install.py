@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_args
-from infoprompt_ds.tracking import free_port
+from infoprompt_ds.env import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from conftest import run_cli, tiny_args
 from infoprompt_ds import mi
 from infoprompt_ds.config import TrainConfig
+from infoprompt_ds.data import resolve_task
 from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
 
 
@@ -20,7 +21,7 @@ def make(path, **over):
                       label_words={"neg": "bad", "pos": "good"}, **over)
     tok = load_tokenizer(cfg)
     torch.manual_seed(0)
-    return cfg, tok, build_model(cfg, load_model_config(cfg), tok, ["neg", "pos"], torch.float32)
+    return cfg, tok, build_model(cfg, load_model_config(cfg), tok, resolve_task(cfg, ["neg", "pos"]), torch.float32)
 
 
 def batch(tok):

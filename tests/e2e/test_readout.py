@@ -88,18 +88,19 @@ def test_smollm2_lm_label_step0_terms_pass_gradient_for_every_example(smol_cache
     """In process, on the real backbone: auto picks lm_label, and at step 0 both normalized terms pass
     gradient for every example and lie within their bounds."""
     from infoprompt_ds.config import TrainConfig
-    from infoprompt_ds.data import encode, resolve_readout
+    from infoprompt_ds.data import encode, resolve_readout, resolve_task
     from infoprompt_ds.model import build_model, load_model_config, load_tokenizer, model_inputs
 
     cfg = TrainConfig(model_name_or_path=str(smol_cache), n_virtual_tokens=4, max_length=24, task_type="classification",
                       label_words={"neg": "bad", "pos": "good"}, vib_head=True)
     tok = load_tokenizer(cfg)
-    ro = resolve_readout(cfg, tok, None, ["neg", "pos"])
+    task = resolve_task(cfg, ["neg", "pos"])
+    ro = resolve_readout(cfg, task, tok)
     assert ro.kind == "lm_label"
     torch.manual_seed(0)
-    model = build_model(cfg, load_model_config(cfg), tok, ["neg", "pos"], torch.float32, readout=ro)
+    model = build_model(cfg, load_model_config(cfg), tok, task, torch.float32, readout=ro)
     texts = ["a good film", "the plot was bad and sad", "a nice story", "it was awful"]
-    b = model_inputs(tok.pad(dict(encode(tok, cfg, texts, None, ro)), return_tensors="pt"))
+    b = model_inputs(tok.pad(dict(encode(tok, "classification", cfg, texts, None, ro)), return_tensors="pt"))
     z0 = model(**b, unprompted_only=True)["z"]
     model.set_z_stats(z0)
     model.train()

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, tiny_args
-from infoprompt_ds.tracking import LocalServer
+from infoprompt_ds.tracking_store import LocalServer
 
 EXPERIMENT = "sweep-e2e"
 

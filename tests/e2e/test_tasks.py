@@ -7,6 +7,7 @@ import random
 import pytest
 
 from conftest import FILLER, ROOT, run_cli, tiny_args
+from infoprompt_ds.checkpoint import EXPORT_CONFIG
 from infoprompt_ds.env import free_port
 
 
@@ -64,8 +65,9 @@ def test_sentence_pairs_with_glue_preset_offline_on_decoder(tmp_path, tiny_llama
     _, files = task_files
     out, metrics = run_family(tmp_path, tiny_llama, files["rte"], {"task": "glue/rte"})
     assert set(metrics["test"]) >= {"accuracy", "f1", "mcc"}
-    config = json.loads((out / "config.json").read_text())
-    assert config["text_pair_column"] == "sentence2" and config["label_words"]["entailment"] == "yes"
+    meta = json.loads((out / "export" / EXPORT_CONFIG).read_text())  # the task as resolved from the preset
+    assert meta["text_pair_column"] == "sentence2" and meta["label_words"]["entailment"] == "yes"
+    assert json.loads((out / "config.json").read_text())["text_pair_column"] is None  # the config: as given
 
 
 def test_relation_classification_on_encoder(tmp_path, tiny_bert, task_files):

@@ -142,7 +142,7 @@ OPT_IN = {"docs/slurm.md": "compute nodes"}
 
 
 def test_documented_mlflow_servers_bind_to_localhost():
-    from infoprompt_ds.tracking import LocalServer
+    from infoprompt_ds.tracking_store import LocalServer
 
     cmd = LocalServer("/nonexistent").command()
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"

@@ -44,12 +44,11 @@ def test_kill_inside_save_never_loses_or_loads_a_half_checkpoint(tmp_path, tiny_
     # every kill was followed by a resume from `latest`; the last one ran to the end, and reproduced the
     # uninterrupted run exactly: no half-written state was ever loaded
     assert figures["final_rc"] == 0, log
-    # KNOWN ISSUE (open, see the session-3 closing note): with method v2's default estimator=normalized, this
-    # chain of 5 kills + resumes ends 1 ulp away from the uninterrupted run (max |diff| ~6e-8 on the critic,
-    # ~4e-9 on the prompt; the per-step losses are equal to 6 digits). A plain SIGKILL + resume is bitwise
-    # (tests/e2e/test_e2e.py::test_resume_reproduces_uninterrupted_weights). A half-written checkpoint loaded
-    # would differ by far more than this bound, which is what this test guards.
-    assert figures["max_abs_diff"] <= 1e-6, figures
+    # bitwise (torch.equal on every exported trainable tensor: the driver's `bitwise_equal`), with the
+    # default estimator=normalized too; on failure the figures show max_abs_diff. It was 1 ulp off until the
+    # critic's weight stopped being read outside its module's forward (see mi.head_loss): ZeRO-3 serves such
+    # a read differently on an engine's first step, i.e. the first step after each resume.
+    assert figures["bitwise_equal"], {"max_abs_diff": figures["max_abs_diff"], **figures}
     assert figures["final_metrics"]["global_step"] == 14
     record("save_kill", injected=len(figures["kills"]), survived=survived, points=POINTS,
            run_seconds=figures.get("run_seconds"))

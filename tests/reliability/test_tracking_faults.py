@@ -24,8 +24,9 @@ import pytest
 
 from conftest import ROOT, run_cli, tiny_args
 from infoprompt_ds.config import ConfigError, parse_config
-from infoprompt_ds.tracking import (LEFTOVER_FILE, PENDING_FILE, RUN_MARKER, Tracker, check_tracking,
-                                    default_store, import_pending)
+from infoprompt_ds.tracking import RUN_MARKER, Tracker
+from infoprompt_ds.tracking_outbox import LEFTOVER_FILE, PENDING_FILE, import_pending
+from infoprompt_ds.tracking_store import check_tracking, default_store
 from reliability_lib import record
 
 
@@ -121,7 +122,8 @@ def test_default_store_is_inside_the_run_and_foreign_stores_are_refused(tmp_path
 def test_corrupt_store_and_bad_settings_fail_before_training(tmp_path, tiny_bert, sentiment_files, monkeypatch):
     """Item 7: each permanent tracking error is bad input: one line naming the field, exit 2, before
     anything is trained (checked in process for each case, and through the real CLI for one)."""
-    from infoprompt_ds.tracking import LocalServer, free_port
+    from infoprompt_ds.env import free_port
+    from infoprompt_ds.tracking_store import LocalServer
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)

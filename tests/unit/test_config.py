@@ -32,6 +32,35 @@ def test_file_then_cli_override(tmp_path):
     assert parse_config(["--config", str(j)]).method == "prompt"
 
 
+def test_config_file_nested_by_section_equals_flat(tmp_path):
+    from infoprompt_ds.config import SECTIONS, build_parser, section_fields
+
+    flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat.write_text("k_shot: 16\nmethod: prompt\nlearning_rate: 0.02\neval_steps: 7\nmlflow_experiment: x\n")
+    nested.write_text("data: {k_shot: 16}\nmethod: {method: prompt}\noptimization: {learning_rate: 0.02}\n"
+                      "evaluation: {eval_steps: 7}\ntracking: {mlflow_experiment: x}\n")
+    assert parse_config(["--config", str(nested)]) == parse_config(["--config", str(flat)])
+    # `method: prompt` (a value) is the field; a section block may not hold another section's field.
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("method: {learning_rate: 0.02}\n")
+    with pytest.raises(ConfigError, match=r"method.learning_rate: .*belongs under 'optimization'"):
+        parse_config(["--config", str(wrong)])
+    # Every field is in exactly one section, and --help shows the sections as groups.
+    names = [n for fs in section_fields().values() for n in fs]
+    assert sorted(names) == sorted(f for f in TrainConfig.__dataclass_fields__) and len(set(names)) == len(names)
+    assert list(section_fields()) == list(SECTIONS)
+    help_text = build_parser().format_help()
+    assert all(f"\n{s}:\n" in help_text for s in SECTIONS)
+
+
+def test_config_is_frozen():
+    import dataclasses
+
+    cfg = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1
+
+
 @pytest.mark.parametrize("argv, field", [
     (["--no_such_key", "1"], "no_such_key"),
     (["--k_shot", "many"], "k_shot"),

@@ -47,8 +47,12 @@ def test_jsonl_and_tsv_and_single_file_split(tmp_path, tiny_bert):
 
 def test_rotten_tomatoes_preset(tiny_bert):
     tok = AutoTokenizer.from_pretrained(tiny_bert)
-    data = prepare_data(TrainConfig(max_eval_samples=50), tok)
-    assert data.label_names == ["fresh", "rotten"] and data.label_words == {"fresh": "good", "rotten": "bad"}
+    cfg = TrainConfig(max_eval_samples=50)
+    data = prepare_data(cfg, tok)
+    assert data.label_names == ["fresh", "rotten"] and data.task.label_words == {"fresh": "good", "rotten": "bad"}
+    assert data.task.type == "classification" and data.task.metric == "accuracy"
+    # The preset fills the resolved task; the user's config stays as given (it is frozen).
+    assert cfg.label_words is None and cfg.task_type == "auto" and cfg.metric_for_best_model == "auto"
     assert len(data.splits["train"]) == 128 and len(data.splits["validation"]) == 50
 
 

@@ -8,6 +8,7 @@ from peft import PeftModel
 
 from infoprompt_ds.checkpoint import load_export, save_export
 from infoprompt_ds.config import TrainConfig
+from infoprompt_ds.data import resolve_task
 from infoprompt_ds.model import build_model, load_model_config, load_tokenizer, trainable_parameters
 from infoprompt_ds.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -19,7 +20,7 @@ def ours(path, **over):
     cfg = TrainConfig(model_name_or_path=path, n_virtual_tokens=4, max_length=16, method="prompt",
                       label_words=WORDS, prompt_init="random", **over)
     tok = load_tokenizer(cfg)
-    return tok, build_model(cfg, load_model_config(cfg), tok, LABELS, torch.float32).eval()
+    return tok, build_model(cfg, load_model_config(cfg), tok, resolve_task(cfg, LABELS), torch.float32).eval()
 
 
 def export(model, path, **meta):

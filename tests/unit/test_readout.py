@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 from infoprompt_ds import readout as readouts
 from infoprompt_ds.checkpoint import save_export
 from infoprompt_ds.config import DEFAULT_MODEL, ConfigError, TrainConfig
-from infoprompt_ds.data import encode, resolve_readout
+from infoprompt_ds.data import encode, resolve_readout, resolve_task
 from infoprompt_ds.model import build_model, load_model_config, load_tokenizer, model_inputs, trainable_parameters
 
 NAMES, WORDS = ["neg", "pos"], {"neg": "bad", "pos": "good"}
@@ -22,13 +22,14 @@ def make(path, readout, **over):
     cfg = TrainConfig(model_name_or_path=path, n_virtual_tokens=4, max_length=24, task_type="classification",
                       label_words=WORDS, readout=readout, prompt_init="random", **over)
     tok = load_tokenizer(cfg)
-    ro = resolve_readout(cfg, tok, None, NAMES)
+    task = resolve_task(cfg, NAMES)
+    ro = resolve_readout(cfg, task, tok)
     torch.manual_seed(0)
-    return cfg, tok, ro, build_model(cfg, load_model_config(cfg), tok, NAMES, torch.float32, readout=ro).eval()
+    return cfg, tok, ro, build_model(cfg, load_model_config(cfg), tok, task, torch.float32, readout=ro).eval()
 
 
 def inputs(cfg, tok, ro, texts=TEXTS):
-    return model_inputs(tok.pad(dict(encode(tok, cfg, texts, None, ro)), return_tensors="pt"))
+    return model_inputs(tok.pad(dict(encode(tok, "classification", cfg, texts, None, ro)), return_tensors="pt"))
 
 
 def label_ids(tok):
@@ -79,7 +80,7 @@ def test_cloze_step0_is_the_masked_lms_label_word_logits(request, fixture, metho
 def test_templates_survive_truncation(tiny_bert_mlm, tiny_roberta_mlm, tiny_llama_lm):
     for path, kind in ((tiny_bert_mlm, "cloze"), (tiny_roberta_mlm, "cloze"), (tiny_llama_lm, "lm_label")):
         cfg, tok, ro, _ = make(path, kind)
-        short, long = encode(tok, cfg, ["good film", LONG], None, ro)["input_ids"]
+        short, long = encode(tok, "classification", cfg, ["good film", LONG], None, ro)["input_ids"]
         assert len(long) == cfg.max_length and len(short) < cfg.max_length
         # cloze: "was [MASK] ." (+ [SEP]); lm_label: the cue
         tail = 3 if kind == "cloze" else len(tok(ro.cue, add_special_tokens=False)["input_ids"])
@@ -92,9 +93,9 @@ def test_templates_survive_truncation(tiny_bert_mlm, tiny_roberta_mlm, tiny_llam
     cfg = TrainConfig(model_name_or_path=tiny_bert_mlm, max_length=20, task_type="classification",
                       label_words=WORDS, text_pair_column="b")
     tok = load_tokenizer(cfg)
-    ro = resolve_readout(cfg, tok, None, NAMES)
+    ro = resolve_readout(cfg, resolve_task(cfg, NAMES), tok)
     assert ro.kind == "cloze" and ro.template == readouts.PAIR_TEMPLATE
-    enc = encode(tok, cfg, [LONG, "good"], ["bad", LONG], ro)
+    enc = encode(tok, "classification", cfg, [LONG, "good"], ["bad", LONG], ro)
     for ids, pos in zip(enc["input_ids"], enc["mask_pos"]):
         assert len(ids) == 20 and ids[pos] == tok.mask_token_id
         q, c = (tok(t, add_special_tokens=False)["input_ids"] for t in ("?", ","))
@@ -104,7 +105,7 @@ def test_templates_survive_truncation(tiny_bert_mlm, tiny_roberta_mlm, tiny_llam
 
 def test_roberta_template_tokenizes_as_the_whole_string_does(tiny_roberta_mlm):
     cfg, tok, ro, _ = make(tiny_roberta_mlm, "cloze")
-    ids = encode(tok, cfg, ["good film"], None, ro)["input_ids"][0]
+    ids = encode(tok, "classification", cfg, ["good film"], None, ro)["input_ids"][0]
     assert ids == tok("good film It was<mask>.")["input_ids"]  # <mask> absorbs the space before it
 
 
@@ -112,7 +113,7 @@ def test_auto_picks_what_the_checkpoint_holds(tiny_bert, tiny_llama, tiny_bert_m
     def kind(path, **over):
         cfg = TrainConfig(model_name_or_path=path, task_type=over.pop("task_type", "classification"),
                           label_words=over.pop("label_words", WORDS), max_length=24, n_virtual_tokens=4, **over)
-        return resolve_readout(cfg, load_tokenizer(cfg), None, NAMES).kind
+        return resolve_readout(cfg, resolve_task(cfg, NAMES), load_tokenizer(cfg)).kind
 
     assert kind(tiny_bert_mlm) == "cloze" and kind(tiny_roberta_mlm) == "cloze"
     assert kind(tiny_llama_lm) == "lm_label"
@@ -145,7 +146,7 @@ def test_bad_combinations_are_one_line_config_errors(request, over, field):
     over.setdefault("max_length", 24)
     with pytest.raises(ConfigError) as e:
         cfg = TrainConfig(model_name_or_path=path, n_virtual_tokens=4, **over)
-        resolve_readout(cfg, load_tokenizer(cfg), None, NAMES)
+        resolve_readout(cfg, resolve_task(cfg, NAMES), load_tokenizer(cfg))
     assert e.value.field == field and "\n" not in str(e.value), str(e.value)
 
 

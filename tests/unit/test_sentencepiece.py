@@ -10,6 +10,7 @@ import torch
 
 from conftest import FILLER, NEG, POS
 from infoprompt_ds.config import TrainConfig
+from infoprompt_ds.data import resolve_task
 from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
 
 
@@ -41,7 +42,7 @@ def test_sentencepiece_backbone_builds_and_trains(sp_llama):
     tok = load_tokenizer(cfg)
     pieces = tok.convert_ids_to_tokens(tok("the good film", add_special_tokens=False)["input_ids"])
     assert pieces[0].startswith("\u2581") and len(tok) == 48  # SentencePiece's word-boundary marker
-    model = build_model(cfg, load_model_config(cfg), tok, ["neg", "pos"], torch.float32)
+    model = build_model(cfg, load_model_config(cfg), tok, resolve_task(cfg, ["neg", "pos"]), torch.float32)
     enc = tok(["good film", "the plot was very bad and sad"], padding=True, return_tensors="pt")
     out = model(enc["input_ids"], enc["attention_mask"], labels=torch.tensor([1, 0]),
                 eps_pos=torch.randn(2, cfg.bottleneck_dim), eps_neg=torch.randn(2, cfg.k_negatives, cfg.bottleneck_dim))

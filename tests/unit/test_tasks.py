@@ -71,7 +71,7 @@ def test_wnut_tweets_preset_loads_the_packaged_conll(tiny_bert):
 
     cfg = TrainConfig(task="wnut_tweets", k_shot=2, max_eval_samples=20, model_name_or_path=tiny_bert)
     data = prepare_data(cfg, AutoTokenizer.from_pretrained(tiny_bert))
-    assert cfg.task_type == "ner" and cfg.metric_for_best_model == "entity_f1"
+    assert data.task.type == "ner" and data.task.metric == "entity_f1"
     assert "B-person" in data.label_names and "O" in data.label_names
     assert len(data.splits["train"]) == 2 * len(data.label_names)
 

@@ -26,7 +26,7 @@ def test_every_logged_name_is_documented():
 
     names = {m for ms in getattr(task_metrics, "METRICS", {}).values() for m in ms} | {"accuracy", "macro_f1", "mcc"}
     metrics |= {f"eval/{m}" for m in names}
-    from infoprompt_ds.tracking import run_tags
+    from infoprompt_ds.run_metadata import run_tags
 
     tags = set(run_tags(TrainConfig())) | {"best_step", "best_validation_<metric>", "version.<package>"}
     missing = [n for n in params + sorted(metrics) + sorted(tags) if n not in documented]
