@@ -85,7 +85,8 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from infoprompt_ds.config import TrainConfig, config_from_env_rank, fill_ds_config, load_ds_config
+    from infoprompt_ds.config import TrainConfig, config_from_env_rank
+    from infoprompt_ds.ds_config import fill_ds_config, load_ds_config
     from infoprompt_ds.distributed import backbone_shard_report, retrace_zero3
     from infoprompt_ds.internals import full_numel
     from infoprompt_ds.data import resolve_task

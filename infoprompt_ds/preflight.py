@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from .config import ConfigError, TrainConfig, ds_value
+from .config import ConfigError, TrainConfig
+from .ds_config import ds_value
 
 # Optimizers whose DeepSpeed kernels exist only on CUDA (fused Lamb, 1-bit compression).
 _GPU_ONLY_OPTIMIZERS = ("lamb", "onebitadam", "onebitlamb", "zerooneadam")
@@ -47,7 +48,7 @@ def check_launcher_env() -> None:
                           f"launcher, or unset RANK/WORLD_SIZE for a one-process run")
 
 
-_get = ds_value  # a dotted path of the DeepSpeed json (config.ds_value)
+_get = ds_value  # a dotted path of the DeepSpeed json (ds_config.ds_value)
 
 
 def check_precision_and_devices(cfg: TrainConfig, ds: dict[str, Any]) -> None:

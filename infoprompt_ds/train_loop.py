@@ -32,7 +32,8 @@ from transformers import DataCollatorForTokenClassification, DataCollatorWithPad
 
 from .checkpoint import (checkpoint_root, complete_checkpoints, load_checkpoint, load_export, resolve_checkpoint,
                          save_checkpoint, save_export, verify_checkpoint_files)
-from .config import ConfigError, TrainConfig, config_from_env_rank, fill_ds_config, load_ds_config, zero_stage
+from .config import ConfigError, TrainConfig, config_from_env_rank
+from .ds_config import fill_ds_config, load_ds_config, zero_stage
 from .data import prepare_data
 from .distributed import (all_max_int, all_min, backbone_shard_report, gather_trainable, no_grad_pass,
                           retrace_zero3, set_trainable, shard_batches, to_device)
