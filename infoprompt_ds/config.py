@@ -100,6 +100,20 @@ class TrainConfig:
     prompt_init_text: Optional[str] = field(default=None, metadata={"help": "Text for prompt_init=text."})
     pooling: str = field(default="auto", metadata={"help": (
         "auto (cls for encoders, last for decoders) | cls (first real token) | last (last non-pad token) | mean.")})
+    readout: str = field(default="auto", metadata={"help": (
+        "How classes are read from the backbone (docs/method.md): cloze (encoders with a masked-LM head: "
+        "template with the mask token, z = the MLM transform at the mask, class rows + bias from the MLM "
+        "decoder's label-word rows) | lm_label (decoders with a causal LM head: `P x cue`, z = the last "
+        "token after the final norm, class rows from the LM head's label-word rows) | linear (a head on the "
+        "pooled state) | auto (cloze / lm_label when the checkpoint holds that head and label words are "
+        "known, else linear). NER stays token-level linear and relations pool the entity markers (linear); "
+        "cloze/lm_label there is an error.")})
+    template: Optional[str] = field(default=None, metadata={"help": (
+        "readout=cloze: the input template, with {x} and {mask} (pairs: {x1}, {x2}, {mask}); default: the "
+        "preset's, else '{x} It was {mask}.' / '{x1} ? {mask} , {x2}'. Truncation cuts the texts, never the template.")})
+    cue: Optional[str] = field(default=None, metadata={"help": (
+        "readout=lm_label: the text after the input (pairs: x1, newline, x2, cue); \\n is a newline; default: "
+        "the preset's (rotten_tomatoes: '\\nSentiment:'), else '\\nAnswer:'.")})
     # The weights default to None = the method's value (0.1, 0.2, 0.1 for infoprompt; 0 for prompt/probe),
     # so that a weight given to a method that does not use it is an error, not silently dropped.
     gamma: Optional[float] = field(default=None, metadata={"help": (
@@ -198,6 +212,14 @@ class TrainConfig:
             raise ConfigError("tau", f"must be a finite number > 0, got {self.tau}")
         _check_choice("prompt_init", self.prompt_init, ("random", "vocab", "text", "labels"))
         _check_choice("pooling", self.pooling, ("auto", "cls", "last", "mean"))
+        _check_choice("readout", self.readout, ("auto", "cloze", "lm_label", "linear"))
+        for name in ("template", "cue"):  # a typed "\n" (CLI, single-quoted YAML) means a newline
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, getattr(self, name).replace("\\n", "\n"))  # frozen: once, here
+        if self.template is not None and "{mask}" not in self.template:
+            raise ConfigError("template", f"{self.template!r} has no {{mask}}; e.g. '{{x}} It was {{mask}}.'")
+        if self.cue is not None and not self.cue.strip():
+            raise ConfigError("cue", "is empty; give a short cue such as '\\nSentiment:'")
         _check_choice("metric_for_best_model", self.metric_for_best_model,
                       ("auto", "accuracy", "macro_f1", "mcc", "f1", "relation_f1", "entity_f1"))
         _check_choice("task_type", self.task_type, ("auto", "classification", "relation", "ner"))

@@ -18,6 +18,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Sequence, load_dataset
 
 from .config import ConfigError, TrainConfig, one_line
 from .data_checks import check_classification_file, check_label_forms, root_cause
+from . import readout as readouts
+from .readout import LINEAR, Readout
 from .tasks import NO_RELATION, PRESETS, Task, normalise_file
 
 LOCAL_FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
@@ -29,6 +31,7 @@ IGNORE = -100  # label of sub-words, specials and pads in token classification (
 class TaskData:
     splits: DatasetDict  # train/validation/test, tokenized: input_ids, attention_mask, labels, idx (+ entity_pos)
     task: Task           # resolved, with the class names in head-row order
+    readout: Readout = LINEAR  # the resolved read-out (readout.py): its template/cue are in the token ids
 
     @property
     def label_names(self) -> list[str]:
@@ -247,11 +250,15 @@ def sample_k_shot(train: Dataset, labels: list, names: list[str], k: int, seed: 
     return train.select(sorted(chosen))
 
 
-def encode(tokenizer, task_type: str, cfg_like, texts: list, pairs: Optional[list] = None) -> dict:
+def encode(tokenizer, task_type: str, cfg_like, texts: list, pairs: Optional[list] = None,
+           readout: Readout = LINEAR) -> dict:
     """Token ids for one batch of inputs, as training and predict both need them.
 
     cfg_like needs max_length and entity_markers. NER: `texts` are token lists; the returned
-    `word_ids` map sub-words to words. Relation: `entity_pos` holds each entity's start-marker token."""
+    `word_ids` map sub-words to words. Relation: `entity_pos` holds each entity's start-marker token.
+    cloze/lm_label: the read-out's template or cue, applied on ids (readout.encode)."""
+    if readout.templated:
+        return readouts.encode(tokenizer, readout, texts, pairs, cfg_like.max_length)
     if task_type == "ner":
         enc = tokenizer(texts, is_split_into_words=True, truncation=True, max_length=cfg_like.max_length)
         enc["word_ids"] = [enc.word_ids(i) for i in range(len(texts))]
@@ -277,7 +284,8 @@ def encode(tokenizer, task_type: str, cfg_like, texts: list, pairs: Optional[lis
     return enc
 
 
-def tokenize(ds: DatasetDict, labels: dict[str, list], tokenizer, cfg: TrainConfig, task: Task) -> DatasetDict:
+def tokenize(ds: DatasetDict, labels: dict[str, list], tokenizer, cfg: TrainConfig, task: Task,
+             readout: Readout = LINEAR) -> DatasetDict:
     label_id = {n: i for i, n in enumerate(task.labels)}
     text_col, pair_col, _ = _columns(task)
     ner = task.type == "ner"
@@ -289,7 +297,7 @@ def tokenize(ds: DatasetDict, labels: dict[str, list], tokenizer, cfg: TrainConf
         def fn(batch):
             texts = batch[text_col] if ner else ["" if t is None else str(t) for t in batch[text_col]]
             pairs = ["" if t is None else str(t) for t in batch[pair_col]] if pair_col else None
-            enc = encode(tokenizer, task.type, cfg, texts, pairs)
+            enc = encode(tokenizer, task.type, cfg, texts, pairs, readout)
             if ner:
                 # The head labels each word once, on its first sub-word; the rest are ignored by the loss.
                 enc["labels"] = []
@@ -315,14 +323,36 @@ def _subsample(part: Dataset, n: Optional[int], seed: int) -> Dataset:
     return part.shuffle(seed=seed).select(range(n))
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> TaskData:
+def resolve_readout(cfg: TrainConfig, task: Task, tokenizer, model_config=None) -> Readout:
+    """cfg.readout (auto|cloze|lm_label|linear) for this backbone and resolved task (its labels known),
+    checked against the tokenizer."""
+    if model_config is None:  # callers other than the training loop: the config alone, no other check
+        from transformers import AutoConfig
+
+        from .model import resolve_model_path
+
+        try:
+            model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name_or_path))
+        except Exception as e:
+            raise ConfigError("model_name_or_path", f"cannot load {cfg.model_name_or_path!r}: {one_line(e)}")
+    local = cfg.train_file is not None
+    preset = PRESETS.get(cfg.task or (cfg.dataset if not local else ""))
+    ro = readouts.resolve(cfg.readout, model_config, task.type, task.label_words, task.text_pair_column is not None,
+                          cfg.template, cfg.cue, cfg.pooling, preset.template if preset else None,
+                          preset.cue if preset else None, cfg.model_name_or_path)
+    readouts.check_tokenizer(ro, tokenizer, task.words() if ro.templated else [], cfg.max_length)
+    return ro
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, model_config=None) -> TaskData:
     """Load, split, sample and tokenize the task's data; returns it with the resolved task (the config is
-    left as the user gave it)."""
+    left as the user gave it) and the resolved read-out (model_config: the backbone's, for readout=auto)."""
     datasets.disable_progress_bars()
     task = resolve_task(cfg)
     ds = split(load_raw(cfg, task), cfg)
     check_columns(ds, task)
     names, labels = resolve_labels(ds, task)
+    ro = resolve_readout(cfg, dataclasses.replace(task, labels=tuple(names)), tokenizer, model_config)
     train = ds["train"]
     if cfg.k_shot is not None:
         keep = sample_k_shot(train.add_column("_row", list(range(len(train)))), labels["train"], names, cfg.k_shot,
@@ -338,4 +368,4 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> TaskData:
     if task.type == "relation" and no_relation is None:
         no_relation = next((n for n in names if n in NO_RELATION), None)
     task = dataclasses.replace(task, labels=tuple(names), no_relation_label=no_relation)
-    return TaskData(tokenize(DatasetDict(parts), labels, tokenizer, cfg, task), task)
+    return TaskData(tokenize(DatasetDict(parts), labels, tokenizer, cfg, task, ro), task, ro)

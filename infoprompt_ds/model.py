@@ -14,9 +14,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-from . import method, mi
+from . import method, mi, readout as readouts
 from .config import ConfigError, TrainConfig, one_line
 from .gguf_cache import resolve_backbone
 from .internals import keep_alive, masked_lm_model_types, zero3_load_context
@@ -92,8 +92,13 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 class InfoPromptModel(nn.Module):
-    def __init__(self, backbone: nn.Module, n_labels: int, pooling: str, cfg: TrainConfig, token_level: bool = False):
+    def __init__(self, backbone: nn.Module, n_labels: int, pooling: str, cfg: TrainConfig, token_level: bool = False,
+                 readout: readouts.Readout = readouts.LINEAR):
         super().__init__()
+        # The read-out (readout.py): with cloze/lm_label the backbone is the *ForMaskedLM/*ForCausalLM model
+        # (its head stays frozen inside it); z is read at the mask / last token, logits = H z + b.
+        self.readout = readout
+        self.mlm_head = readouts.mlm_head_name(backbone) if readout.kind == "cloze" else None
         hidden = backbone.config.hidden_size
         self.backbone = backbone.requires_grad_(False)
         # A linear probe (method=probe) is the same model with no prompt: the baseline the paper omits.
@@ -163,13 +168,16 @@ class InfoPromptModel(nn.Module):
         kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        return self.backbone(**kwargs).last_hidden_state
+        # base_model: the encoder/decoder stack without an LM head (the model itself for AutoModel).
+        return self.backbone.base_model(**kwargs).last_hidden_state
 
-    def _pool(self, hidden, mask, offset: int, entity_pos=None):
+    def _pool(self, hidden, mask, offset: int, entity_pos=None, mask_pos=None):
         """Representation z: hidden state at the first real token (cls), last real token (last), the mean
         over real tokens (mean), or the mean of the two entity start markers (markers, relations).
         `offset` = number of prompt positions in front of the input."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if self.pooling == "mask":  # cloze: the MLM transform of the mask token's state
+            return readouts.mlm_transform(self.backbone, self.mlm_head, hidden[rows, offset + mask_pos])
         if self.pooling == "markers":
             return (hidden[rows, offset + entity_pos[:, 0]] + hidden[rows, offset + entity_pos[:, 1]]) / 2
         if self.pooling == "cls":
@@ -179,11 +187,12 @@ class InfoPromptModel(nn.Module):
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden[:, offset:] * m).sum(1) / m.sum(1).clamp(min=1)
 
-    def unprompted(self, input_ids, attention_mask, token_type_ids=None, entity_pos=None) -> torch.Tensor:
-        """z(x, no prompt): needs no gradient, since nothing trainable feeds it."""
+    def unprompted(self, input_ids, attention_mask, token_type_ids=None, entity_pos=None, mask_pos=None) -> torch.Tensor:
+        """z(x, no prompt): needs no gradient, since nothing trainable feeds it. (The template is in the ids.)"""
         with torch.no_grad():
             embeds = self.backbone.get_input_embeddings()(input_ids)
-            return self._pool(self._encode(embeds, attention_mask, token_type_ids), attention_mask, 0, entity_pos)
+            return self._pool(self._encode(embeds, attention_mask, token_type_ids), attention_mask, 0, entity_pos,
+                              mask_pos)
 
     def classify(self, z: torch.Tensor, eps: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits from the representation. VIB: u = mu + sigma * eps in training (the loop passes eps),
@@ -193,11 +202,11 @@ class InfoPromptModel(nn.Module):
         mu, log_sigma = self.vib(self.standardise(z))
         return self.head(self.vib.decode(mi.sample(mu, log_sigma, eps)))
 
-    def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None, entity_pos=None,
+    def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None, entity_pos=None, mask_pos=None,
                 z_unprompted=None, eps_pos=None, eps_neg=None, mi_scale: float = 1.0, unprompted_only: bool = False
                 ) -> dict[str, Any]:
         if unprompted_only:  # routed through forward so that DeepSpeed's engine hooks see the pass
-            return {"z": self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)}
+            return {"z": self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos, mask_pos)}
         embeds = self.backbone.get_input_embeddings()(input_ids)
         b, n = input_ids.shape[0], self.n_virtual_tokens
         prompt = embeds.new_zeros(0, embeds.shape[-1])
@@ -208,7 +217,7 @@ class InfoPromptModel(nn.Module):
             prompt = self.prompt.weight.to(embeds.dtype) * 1
         if self.generator is not None:  # instance prompt: (B, n, d), from the (cached) unprompted state
             if z_unprompted is None:
-                z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)
+                z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos, mask_pos)
             z_in = self.standardise(z_unprompted.to(embeds.dtype))
             # z_in already has the generator's dtype (the engine's): reading generator.net[0].weight here would
             # gather it outside its module's forward, into other memory on an engine's first step than on every
@@ -220,14 +229,14 @@ class InfoPromptModel(nn.Module):
         if token_type_ids is not None:
             full_tt = torch.cat([token_type_ids.new_zeros(b, n), token_type_ids], dim=1)
         hidden = self._encode(full_embeds, full_mask, full_tt)
-        z = self._pool(hidden, attention_mask, n, entity_pos)
+        z = self._pool(hidden, attention_mask, n, entity_pos, mask_pos)
         # NER: the head scores every input token; the MI terms use the sentence's pooled representation.
         logits = self.head(hidden[:, n:]) if self.token_level else self.classify(z, eps_pos)
         out: dict[str, Any] = {"logits": logits, "z": z}
         if labels is None:
             return out
         if z_unprompted is None and self.uses_mi and (self.beta > 0 or self.kl_weight > 0):
-            z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos)
+            z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos, mask_pos)
         m = method.assemble(self, logits, labels, z=z, z_plain=z_unprompted, prompt=prompt, embeds=embeds,
                             attention_mask=attention_mask, eps_pos=eps_pos, eps_neg=eps_neg, mi_scale=mi_scale)
         out.update(loss=m.loss, ce=m.ce, method=m, prompt=prompt, **m.terms)
@@ -241,29 +250,44 @@ def _gathered(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def build_model(cfg: TrainConfig, model_config, tokenizer, task: Task,
-                dtype: torch.dtype, ds_config: Optional[dict] = None) -> InfoPromptModel:
-    """from_pretrained (ZeRO-3-partitioned when ds_config says stage 3), then new trainable parts in the
-    engine's dtype, initialised from the gathered embedding matrix."""
-    hf_ds = zero3_load_context(ds_config)  # must be alive during from_pretrained: enables zero.Init
+def load_backbone(name: str, model_config, readout: readouts.Readout, dtype: Optional[torch.dtype] = None):
+    """from_pretrained with the class the read-out needs (AutoModel / ...ForMaskedLM / ...ForCausalLM). Under
+    ZeRO-3 the caller holds zero3_load_context, so every class is partitioned at load time alike."""
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
-        backbone = AutoModel.from_pretrained(resolve_model_path(cfg.model_name_or_path), config=model_config,
-                                             dtype=dtype)
+        return readouts.auto_class(readout.kind).from_pretrained(resolve_model_path(name), config=model_config,
+                                                                 **kwargs)
     except Exception as e:
-        raise ConfigError("model_name_or_path", f"cannot load weights of {cfg.model_name_or_path!r}: {one_line(e)}")
-    pooling = resolve_pooling(cfg.pooling, model_config, resolve_model_path(cfg.model_name_or_path), cfg, task.type)
-    model = InfoPromptModel(backbone, len(task.labels), pooling, cfg, token_level=task.type == "ner")
+        raise ConfigError("model_name_or_path", f"cannot load weights of {name!r}: {one_line(e)}")
+
+
+def build_model(cfg: TrainConfig, model_config, tokenizer, task: Task, dtype: torch.dtype,
+                ds_config: Optional[dict] = None, readout: readouts.Readout = readouts.LINEAR) -> InfoPromptModel:
+    """from_pretrained (ZeRO-3-partitioned when ds_config says stage 3), then new trainable parts in the
+    engine's dtype, initialised from the gathered embedding matrix (and, for cloze/lm_label, the class rows
+    from the gathered LM-head/MLM-decoder rows of the label words)."""
+    hf_ds = zero3_load_context(ds_config)  # must be alive during from_pretrained: enables zero.Init
+    backbone = load_backbone(cfg.model_name_or_path, model_config, readout, dtype)
+    pooling = readout.pooling or resolve_pooling(cfg.pooling, model_config, resolve_model_path(cfg.model_name_or_path),
+                                                 cfg, task.type)
+    model = InfoPromptModel(backbone, len(task.labels), pooling, cfg, token_level=task.type == "ner", readout=readout)
     words = task.words()
     emb = backbone.get_input_embeddings().weight
     with _gathered([emb]), torch.no_grad():
         if model.prompt is not None:
             model.prompt.weight.copy_(init_values(cfg.prompt_init, cfg.n_virtual_tokens, emb, tokenizer, cfg.seed,
                                                   cfg.prompt_init_text, words))
-        if words:
+        if words and not readout.templated:
             model.head.weight.copy_(head_init(emb, tokenizer, words))
             model.head.bias.zero_()
         if model.estimator_kind == "normalized":
             model.vocab_mean.copy_(emb.float().mean(0))
+    if readout.templated:  # only the C label rows are copied out of the (gathered) head
+        params, read = readouts.class_rows(backbone, readout.kind, [readouts.first_token(tokenizer, w) for w in words])
+        with _gathered(params), torch.no_grad():
+            rows, bias = read()
+            model.head.weight.copy_(rows)
+            model.head.bias.copy_(bias)
     keep_alive(model, hf_ds)  # as long as the model lives (transformers holds a weakref)
     # The new parts were made outside zero.Init: give them the engine's dtype, or bf16 runs fail.
     for part in (model.prompt, model.generator, model.head, model.vib, model.estimator):
@@ -272,7 +296,7 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, task: Task,
     return model
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "entity_pos")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "entity_pos", "mask_pos")
 
 
 def model_inputs(batch: dict) -> dict:

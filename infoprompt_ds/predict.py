@@ -21,12 +21,14 @@ import torch
 from .checkpoint import load_export
 from .config import ConfigError, TrainConfig
 from .data import encode
-from .model import InfoPromptModel, load_model_config, load_tokenizer, model_inputs, resolve_model_path
+from .model import InfoPromptModel, load_backbone, load_model_config, load_tokenizer, model_inputs
+from .readout import Readout
 
 
 class Predictor:
     def __init__(self, model: InfoPromptModel, tokenizer, meta: dict, device: str, cfg: TrainConfig):
         self.model, self.tokenizer, self.meta, self.device, self.cfg = model.eval(), tokenizer, meta, device, cfg
+        self.readout = model.readout  # the template/cue training applied: the same ids, the same predictions
 
     @classmethod
     def load(cls, export_dir: str, model_name_or_path: Optional[str] = None, device: Optional[str] = None):
@@ -40,12 +42,13 @@ class Predictor:
                           entity_markers=meta.get("entity_markers", ["<e1>", "</e1>", "<e2>", "</e2>"]),
                           vib_head=bool(meta.get("vib_head", False)), estimator=meta.get("estimator", "normalized"),
                           bottleneck_dim=meta.get("bottleneck_dim") or 32, prompt_type=meta.get("prompt_type", "static"))
-        from transformers import AutoModel
-
+        # Exports written before read-outs existed used the linear head (no template).
+        readout = Readout.from_meta(meta, pair=meta.get("text_pair_column") is not None)
         model_config = load_model_config(cfg)
         check_export(export_dir, tensors, meta, model_config.hidden_size, cfg.model_name_or_path)
-        backbone = AutoModel.from_pretrained(resolve_model_path(cfg.model_name_or_path), config=model_config)
-        model = InfoPromptModel(backbone, len(meta["labels"]), meta["pooling"], cfg, token_level=cfg.task_type == "ner")
+        backbone = load_backbone(cfg.model_name_or_path, model_config, readout)
+        model = InfoPromptModel(backbone, len(meta["labels"]), meta["pooling"], cfg, token_level=cfg.task_type == "ner",
+                                readout=readout)
         wanted = {k: v for k, v in tensors.items() if k.startswith(("prompt.", "generator.", "head.", "vib."))}
         if meta.get("z_stats"):  # the VIB classifier saw z standardised by the training run's statistics
             model.z_mean.copy_(torch.tensor(meta["z_stats"]["mean"]))
@@ -62,10 +65,14 @@ class Predictor:
     def predict(self, texts: list[str], pairs: Optional[list[str]] = None, batch_size: int = 32) -> list:
         """A label per text; NER: a tag per whitespace-separated word; relation: texts carry the markers."""
         names, ner = self.meta["labels"], self.cfg.task_type == "ner"
+        if self.readout.pair and (pairs is None or len(pairs) != len(texts)):
+            raise ConfigError("text_pair", f"this export reads sentence pairs (template/cue of readout="
+                              f"{self.readout.kind}); give one second text per text")
         out = []
         for i in range(0, len(texts), batch_size):
             chunk = [t.split() for t in texts[i:i + batch_size]] if ner else texts[i:i + batch_size]
-            enc = encode(self.tokenizer, self.cfg.task_type, self.cfg, chunk, pairs[i:i + batch_size] if pairs else None)
+            enc = encode(self.tokenizer, self.cfg.task_type, self.cfg, chunk, pairs[i:i + batch_size] if pairs else None,
+                         self.readout)
             word_ids = enc.pop("word_ids", None)
             batch = self.tokenizer.pad(dict(enc), return_tensors="pt").to(self.device)
             preds = self.model(**model_inputs(batch))["logits"].argmax(-1).tolist()

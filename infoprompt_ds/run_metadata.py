@@ -158,7 +158,9 @@ def resolved_params(cfg, data, pooling: str, ds_config: dict[str, Any]) -> dict[
             "text_pair_column": data.task.text_pair_column, "label_column": data.task.label_column,
             "no_relation_label": data.task.no_relation_label,
             "warmup_steps": sched.get("warmup_num_steps", cfg.warmup_steps),
-            "deepspeed": cfg.deepspeed or "ds_configs/zero3.json"}
+            "deepspeed": cfg.deepspeed or "ds_configs/zero3.json",
+            # the read-out auto resolved to, and the cloze template / lm_label cue the run applied
+            **{k: v for k, v in getattr(data, "readout", None).meta().items() if v is not None}}
 
 
 def dataset_inputs(cfg, data) -> list[dict[str, Any]]:

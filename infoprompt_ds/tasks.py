@@ -63,6 +63,8 @@ class Preset:
     label_words: Optional[dict] = None
     metric: str = "accuracy"
     hub_test_split: str = "validation"  # GLUE-style test labels are hidden: validation serves as test
+    template: Optional[str] = None  # readout=cloze: the input template (None: readout.TEMPLATE / PAIR_TEMPLATE)
+    cue: Optional[str] = None       # readout=lm_label: the text after the input (None: readout.CUE)
 
 
 @dataclass(frozen=True)
@@ -84,27 +86,38 @@ class Task:
         return [self.label_words[n] for n in self.labels] if self.label_words and self.labels else None
 
 
-def _glue(config, a, b, labels, words, metric="accuracy", hub="nyu-mll/glue"):
+SENTIMENT_CUE = "\nSentiment:"
+ENTAIL_CUE = "\nQuestion: does the first text imply the second?\nAnswer:"
+PARAPHRASE_CUE = "\nQuestion: do the two texts say the same?\nAnswer:"
+
+
+def _glue(config, a, b, labels, words, metric="accuracy", hub="nyu-mll/glue", template=None, cue=None):
     return Preset(hub=hub, hub_config=config, text_column=a, text_pair_column=b, labels=labels,
-                  label_words=dict(zip(labels, words)), metric=metric)
+                  label_words=dict(zip(labels, words)), metric=metric, template=template, cue=cue)
 
 
 PRESETS: dict[str, Preset] = {
-    "rotten_tomatoes": Preset(local=_rotten_tomatoes_csv, label_words={"fresh": "good", "rotten": "bad"}),
-    "glue/sst2": _glue("sst2", "sentence", None, ("negative", "positive"), ("bad", "good")),
-    "glue/cola": _glue("cola", "sentence", None, ("unacceptable", "acceptable"), ("wrong", "fine"), "mcc"),
-    "glue/rte": _glue("rte", "sentence1", "sentence2", ("entailment", "not_entailment"), ("yes", "no")),
-    "glue/mrpc": _glue("mrpc", "sentence1", "sentence2", ("not_equivalent", "equivalent"), ("no", "yes"), "f1"),
-    "glue/qnli": _glue("qnli", "question", "sentence", ("entailment", "not_entailment"), ("yes", "no")),
-    "glue/qqp": _glue("qqp", "question1", "question2", ("not_duplicate", "duplicate"), ("no", "yes"), "f1"),
+    "rotten_tomatoes": Preset(local=_rotten_tomatoes_csv, label_words={"fresh": "good", "rotten": "bad"},
+                              cue=SENTIMENT_CUE),
+    "glue/sst2": _glue("sst2", "sentence", None, ("negative", "positive"), ("bad", "good"), cue=SENTIMENT_CUE),
+    "glue/cola": _glue("cola", "sentence", None, ("unacceptable", "acceptable"), ("wrong", "fine"), "mcc",
+                       template="{x} This is {mask}.", cue="\nGrammar:"),
+    "glue/rte": _glue("rte", "sentence1", "sentence2", ("entailment", "not_entailment"), ("yes", "no"),
+                      cue=ENTAIL_CUE),
+    "glue/mrpc": _glue("mrpc", "sentence1", "sentence2", ("not_equivalent", "equivalent"), ("no", "yes"), "f1",
+                       cue=PARAPHRASE_CUE),
+    "glue/qnli": _glue("qnli", "question", "sentence", ("entailment", "not_entailment"), ("yes", "no"),
+                       cue=ENTAIL_CUE),
+    "glue/qqp": _glue("qqp", "question1", "question2", ("not_duplicate", "duplicate"), ("no", "yes"), "f1",
+                      cue=PARAPHRASE_CUE),
     "glue/mnli": _glue("mnli", "premise", "hypothesis", ("entailment", "neutral", "contradiction"),
-                       ("yes", "maybe", "no")),
+                       ("yes", "maybe", "no"), cue=ENTAIL_CUE),
     "super_glue/boolq": _glue("boolq", "question", "passage", ("False", "True"), ("no", "yes"),
                               hub="aps/super_glue"),
     "super_glue/cb": _glue("cb", "premise", "hypothesis", ("entailment", "contradiction", "neutral"),
-                           ("yes", "no", "maybe"), "macro_f1", hub="aps/super_glue"),
+                           ("yes", "no", "maybe"), "macro_f1", hub="aps/super_glue", cue=ENTAIL_CUE),
     "super_glue/rte": _glue("rte", "premise", "hypothesis", ("entailment", "not_entailment"), ("yes", "no"),
-                            hub="aps/super_glue"),
+                            hub="aps/super_glue", cue=ENTAIL_CUE),
     "semeval2010_task8": Preset(task_type="relation", hub="SemEvalWorkshop/sem_eval_2010_task_8",
                                 text_column="sentence", label_column="relation", metric="relation_f1",
                                 hub_test_split="test"),

@@ -125,7 +125,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         verify_checkpoint_files(resume)  # a tampered pickle is refused here, before anything is created
     tokenizer = load_tokenizer(cfg)
     preflight.check_tokenizer(cfg, tokenizer)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, model_config)  # resolves the read-out too (data.readout)
     preflight.check_label_words(data.task, tokenizer)
     preflight.check_validation_labels(data)
     identity = outdir.run_identity(cfg, data, model_config, world, zero_stage(ds_raw), resume)
@@ -249,7 +249,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     torch.manual_seed(cfg.seed)  # head/estimator init: the same on every rank
     task = prep.data.task
-    model = build_model(cfg, prep.model_config, prep.tokenizer, task, dtype, prep.ds_config)
+    model = build_model(cfg, prep.model_config, prep.tokenizer, task, dtype, prep.ds_config, prep.data.readout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=prep.ds_config)
     shard = backbone_shard_report(engine.module, prep.rank, prep.world)
@@ -270,7 +270,7 @@ def setup(cfg: TrainConfig) -> Run:
             "bottleneck_dim": cfg.bottleneck_dim if engine.module.vib is not None else None,
             "vib_head": engine.module.vib is not None, "estimator": cfg.estimator,
             "z_stats": None,  # set by fit once the unprompted pass has run (estimator=normalized)
-            "readout": "linear", "prompt_type": cfg.prompt_type,
+            **engine.module.readout.meta(), "prompt_type": cfg.prompt_type,  # readout, template, cue
             "task_type": task.type, "entity_markers": cfg.entity_markers, "label_words": task.label_words,
             "metric": task.metric}
     run = Run(cfg, prep.rank, prep.world, device, engine, prep.data, collate, prep.tokenizer, tracker, out,

@@ -108,6 +108,8 @@ def key_fields(cfg, model, tokenizer, device_type: str = "cpu") -> dict[str, Any
             "weights": _weights_fingerprint(folder),
             "tokenizer": _tokenizer_fingerprint(tokenizer, folder),
             "max_length": cfg.max_length, "pooling": model.pooling,
+            # the read-out's template/cue are in the example's ids too; cloze's z is the MLM transform's
+            "readout": model.readout.meta(),
             "dtype": compute_dtype(cfg), "device": device_type}
 
 

@@ -123,6 +123,64 @@ def tiny_llama(tmp_path_factory) -> str:
     return str(d)
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_lm(tiny_llama, tmp_path_factory) -> str:
+    """The tiny Llama with an (untied) LM head: a decoder LLM checkpoint (LlamaForCausalLM), as readout
+    lm_label reads it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny_llama_lm")
+    config = LlamaConfig.from_pretrained(tiny_llama)
+    config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(d)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_mlm(tiny_bert, tmp_path_factory) -> str:
+    """The tiny BERT with its masked-LM head (BertForMaskedLM), as readout cloze reads it."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+    d = tmp_path_factory.mktemp("tiny_bert_mlm")
+    torch.manual_seed(2)
+    model = BertForMaskedLM(BertConfig.from_pretrained(tiny_bert))
+    with torch.no_grad():  # a random, non-zero decoder bias: the read-out must carry it
+        model.cls.predictions.bias.normal_()
+    model.save_pretrained(d)
+    BertTokenizer.from_pretrained(tiny_bert).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_mlm(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide RoBERTa masked LM with a byte-level BPE tokenizer trained on the test words."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_roberta_mlm")
+    bpe = ByteLevelBPETokenizer()
+    corpus = [" ".join(_vocab())] * 4 + [f"{w} It was {v}." for w in _vocab() for v in ("good", "bad")]
+    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(d))
+    tok = RobertaTokenizerFast(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"))
+    config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=80, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(3)
+    model = RobertaForMaskedLM(config)
+    with torch.no_grad():
+        model.lm_head.bias.normal_()
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
 def tiny_args(model: str, files: dict[str, str], out: Path, **over) -> list[str]:
     """Command-line flags for a fast run on a tiny model."""
     args = {"model_name_or_path": model, **files, "output_dir": str(out), "k_shot": "none",

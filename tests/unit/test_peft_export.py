@@ -3,7 +3,6 @@ loads it onto the backbone, its prompt equals ours bit for bit, and PEFT's model
 
 import json
 
-import pytest
 import torch
 from peft import PeftModel
 
@@ -29,20 +28,6 @@ def export(model, path, **meta):
     tensors = {k: v.detach().clone() for k, v in trainable_parameters(model).items()}
     save_export(path, tensors, {"backbone": "tiny", "labels": LABELS, "n_virtual_tokens": 4, **meta})
     return tensors
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_lm(tiny_llama, tmp_path_factory):
-    """The tiny Llama with an (untied) LM head: a decoder LLM as PEFT's CAUSAL_LM wraps it."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("tiny_llama_lm")
-    config = LlamaConfig.from_pretrained(tiny_llama)
-    config.tie_word_embeddings = False
-    torch.manual_seed(1)
-    LlamaForCausalLM(config).save_pretrained(d)
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(d)
-    return str(d)
 
 
 def test_decoder_adapter_gives_our_label_word_logits(tiny_llama_lm, tmp_path):
