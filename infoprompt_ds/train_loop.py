@@ -2,7 +2,7 @@
 plain python), as plain functions over one `Run`:
 
     run(cfg) = finish(fit(setup(cfg)))
-    setup(cfg) -> Run         checks (prepare), process group, engine, resume, tracking
+    setup(cfg) -> Run         checks (prepare.py), process group, engine, resume, tracking
     fit(run)                  the loop: train_step, then log / validate / save / stop on step boundaries
     train_step(run, batch, micro) -> StepOut    one micro-batch: forward, agree on finiteness, backward, step
     validate(run, split)      metrics of the current weights on a split (all ranks)
@@ -15,7 +15,6 @@ Import this module only after env.setup_environment() ran (it imports torch and 
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -30,27 +29,25 @@ from deepspeed.accelerator import get_accelerator
 from tqdm.auto import tqdm
 from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
-from .checkpoint import (checkpoint_root, complete_checkpoints, load_checkpoint, load_export, resolve_checkpoint,
-                         save_checkpoint, save_export, verify_checkpoint_files)
-from .config import ConfigError, TrainConfig, config_from_env_rank
-from .ds_config import fill_ds_config, load_ds_config, zero_stage
-from .data import prepare_data
+from .checkpoint import (checkpoint_root, complete_checkpoints, load_checkpoint, load_export, save_checkpoint,
+                         save_export)
+from .config import TrainConfig
+from .ds_config import zero_stage
 from .distributed import (all_max_int, all_min, backbone_shard_report, gather_trainable, no_grad_pass,
                           retrace_zero3, set_trainable, shard_batches, to_device)
 from .env import setup_environment  # noqa: F401  (re-exported: callers that imported it from here)
 from .errors import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged  # noqa: F401 (re-exported)
 from .internals import full_numel
-from . import outdir, preflight
 from .io import write_json_atomic
 from .loss_guard import LossGuard
 from .process_group import init_process_group
 from .method import Diagnostics
-from .metrics import check_metric, compute_metrics
-from .model import build_model, load_model_config, load_tokenizer, model_inputs
+from .metrics import compute_metrics
+from .model import build_model, model_inputs
 from .run_metadata import run_name_for, run_tags
 from .tracking import Tracker
-from .tracking_store import check_tracking
 from .tasks import Task
+from .prepare import prepare
 from .unprompted_cache import compute_unprompted
 
 MI_TERMS = ("head", "repr", "kl")  # the InfoPrompt terms the model returns besides loss and ce
@@ -70,75 +67,6 @@ class _StopFlag:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-
-
-# --- checks before anything expensive ------------------------------------------------------------------
-
-def plan_steps(cfg: TrainConfig, n_train: int, world: int) -> tuple[int, int]:
-    """(micro-batches per epoch per rank, total optimizer steps)."""
-    micro_per_epoch = math.ceil(math.ceil(n_train / world) / cfg.per_device_train_batch_size)
-    if cfg.max_steps > 0:
-        return micro_per_epoch, cfg.max_steps
-    return micro_per_epoch, max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch / cfg.gradient_accumulation_steps))
-
-
-def check_output_dir(cfg: TrainConfig) -> None:
-    out = Path(cfg.output_dir)
-    if (out / "metrics.json").exists() and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-        raise ConfigError("output_dir", f"{out} holds a finished run; pass --overwrite_output_dir true, "
-                          f"--resume_from_checkpoint latest, or another output_dir")
-    if out.exists() and not out.is_dir():
-        raise ConfigError("output_dir", f"{out} exists and is not a folder")
-    preflight.check_output_dir_path(cfg)
-    outdir.check_output_dir_state(cfg)  # a folder in use, or holding another run / files not ours
-
-
-@dataclass
-class Prepared:
-    """What prepare() resolved without weights or a process group."""
-    rank: int
-    local_rank: int
-    world: int
-    model_config: Any
-    tokenizer: Any
-    data: Any  # data.PreparedData: splits + label names
-    micro_per_epoch: int
-    total_steps: int
-    ds_config: dict
-    resume: Optional[Path]
-    identity: dict  # what this run's checkpoints record and a resume must match (outdir.run_identity)
-    lock: Any       # the output_dir lock, held for the life of the process
-
-
-def prepare(cfg: TrainConfig) -> Prepared:
-    """Every check that needs no model weights and no process group: fails in seconds on bad input."""
-    preflight.check_launcher_env()
-    rank, local_rank, world = config_from_env_rank()
-    ds_raw = load_ds_config(cfg.deepspeed)
-    preflight.check_precision_and_devices(cfg, ds_raw)
-    preflight.check_model_path(cfg)
-    model_config = load_model_config(cfg)
-    check_output_dir(cfg)
-    check_tracking(cfg)  # a bad MLflow store is bad input: exit 2 now, not a run without tracking
-    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
-    if resume is not None:
-        verify_checkpoint_files(resume)  # a tampered pickle is refused here, before anything is created
-    tokenizer = load_tokenizer(cfg)
-    preflight.check_tokenizer(cfg, tokenizer)
-    data = prepare_data(cfg, tokenizer, model_config)  # resolves the read-out too (data.readout)
-    preflight.check_label_words(data.task, tokenizer)
-    preflight.check_validation_labels(data)
-    identity = outdir.run_identity(cfg, data, model_config, world, zero_stage(ds_raw), resume)
-    if resume is not None:
-        outdir.check_resume(resume, identity)  # before any weight: refuse another run's checkpoint
-    problem = check_metric(data.task.type, data.task.metric, len(data.label_names))
-    if problem:
-        raise ConfigError("metric_for_best_model", problem)
-    micro_per_epoch, total_steps = plan_steps(cfg, len(data.splits["train"]), world)
-    ds_config = fill_ds_config(ds_raw, cfg, world, total_steps, model_config.hidden_size)
-    lock = outdir.lock_output_dir(cfg, rank)  # last: held until the process ends
-    return Prepared(rank, local_rank, world, model_config, tokenizer, data, micro_per_epoch, total_steps,
-                    ds_config, resume, identity, lock)
 
 
 # --- the run object --------------------------------------------------------------------------------------
