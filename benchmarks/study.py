@@ -54,7 +54,8 @@ ARMS: dict[str, dict[str, str]] = {
     "infoprompt_instance": {"method": "infoprompt", "prompt_type": "instance"},
     "prompt_random": {"method": "prompt", "prompt_init": "random"},
     "infoprompt_random": {"method": "infoprompt", "prompt_init": "random"},
-    "zeroshot": {"method": "prompt"},  # evaluated at its initial weights by zero_shot.py, never trained
+    # The frozen LM's own answer through the read-out (no prompt: method=probe), by zero_shot.py, never trained.
+    "zeroshot": {"method": "probe"},
 }
 # The arm each arm is compared with, seed by seed (default: vanilla prompt tuning).
 CONTROL = {"infoprompt_vib": "prompt_vib", "infoprompt_instance": "prompt_instance",
