@@ -39,6 +39,9 @@ from common import RESULTS, ROOT, summarize, write_results  # noqa: E402
 SHAPES = {
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                  intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048),
+    # a stand-in between the two (304M backbone): to see how per-rank memory scales with ranks cheaply
+    "300m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
+                 intermediate_size=2816, vocab_size=32000, max_position_embeddings=2048),
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                  intermediate_size=64, vocab_size=256, max_position_embeddings=128),
 }
