@@ -39,6 +39,9 @@ from common import RESULTS, ROOT, summarize, write_results  # noqa: E402
 SHAPES = {
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                  intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048),
+    # a stand-in between the two (304M backbone): to see how per-rank memory scales with ranks cheaply
+    "300m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
+                 intermediate_size=2816, vocab_size=32000, max_position_embeddings=2048),
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                  intermediate_size=64, vocab_size=256, max_position_embeddings=128),
 }
@@ -264,16 +267,20 @@ def plot(rows: list[dict], path: Path) -> None:
 def markdown_table(rows: list[dict]) -> str:
     """The docs/scaling.md table: one line per cell."""
     out = ["| model (backbone params) | DeepSpeed json | ranks | method | backbone held per rank (share; goal <= 1/N + 5%) "
-           "| peak RSS per rank | load | step | checkpoint (backbone tensors) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+           "| peak RSS per rank | peak anon, training | load | step | checkpoint (backbone tensors) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.get("backbone_params_total") or 0, r["model"], r["ds_config"],
+                                         r["world_size"], r["method"])):
         if r["returncode"] != 0:
             out.append(f"| {r['model']} | {r['ds_config']} | {r['world_size']} | {r['method']} | failed: "
-                       f"{str(r.get('error', ''))[-120:]} | | | | |")
+                       f"{str(r.get('error', ''))[-120:]} | | | | | |")
             continue
         held = max(x["backbone_bytes_local"] for x in r["ranks"]) / 2**30
         rss = " / ".join(f"{x['peak_rss_bytes'] / 2**30:.2f}" for x in r["ranks"])
+        anon = " / ".join(f"{x['peak_anon_bytes_train'] / 2**30:.2f}" if x.get("peak_anon_bytes_train") else "-"
+                          for x in r["ranks"])  # older cells were measured before scale_rank.py sampled it
         out.append(f"| {r['model']} ({r['backbone_params_total'] / 1e6:.0f}M) | {r['ds_config']} | {r['world_size']} "
-                   f"| {r['method']} | {held:.2f} GiB ({r['backbone_fraction_max']:.3f}) | {rss} GiB "
+                   f"| {r['method']} | {held:.2f} GiB ({r['backbone_fraction_max']:.3f}) | {rss} GiB | {anon} GiB "
                    f"| {r['load_s_max']:.0f} s | {r['step_s']:.1f} s | {r['checkpoint_bytes'] / 2**20:.2f} MiB "
                    f"({r['checkpoint_backbone_tensors']}) |")
     return "\n".join(out)
