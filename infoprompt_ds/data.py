@@ -41,13 +41,12 @@ class TaskData:
 def resolve_task(cfg: TrainConfig, labels: Optional[list[str]] = None) -> Task:
     """The task the config asks for: a named preset (`--dataset rotten_tomatoes`, the default, is one)
     fills task type, columns, labels, label words and metric for every field the user left at its default.
-    `labels` sets the class names directly (what prepare_data finds in the data; tests and benchmarks)."""
+    `labels` sets the class names directly (a model built without data: tests, benchmarks); the label words
+    are then cfg.label_words, the only ones that can name them (a preset's name the preset's labels)."""
     task = _resolve_task(cfg)
     if labels is None:
         return task
-    words = task.label_words if task.label_words and all(n in task.label_words for n in labels) \
-        else cfg.label_words  # a preset's words name the preset's labels, not these
-    return dataclasses.replace(task, labels=tuple(labels), label_words=words)
+    return dataclasses.replace(task, labels=tuple(labels), label_words=cfg.label_words)
 
 
 def _resolve_task(cfg: TrainConfig) -> Task:
