@@ -201,23 +201,6 @@ def summarise(runs: list[dict]) -> list[dict]:
             control = CONTROL.get(arm, "prompt")
             if control not in (None, arm) and control in by_method:
                 row["vs_control"][f"{arm} - {control}"] = paired_vs(rs, by_method[control])
-        ip = {r["seed"]: r for r in by_method.get("infoprompt", [])}
-        pt = {r["seed"]: r for r in by_method.get("prompt", [])}
-        paired = []
-        for seed in sorted(set(ip) & set(pt)):
-            target = pt[seed]["best_validation_accuracy"]
-            paired.append({"seed": seed, "target_val_acc": target,
-                           "prompt_steps": steps_to_reach(pt[seed]["eval_history"], target),
-                           "infoprompt_steps": steps_to_reach(ip[seed]["eval_history"], target),
-                           "test_acc_diff": ip[seed]["test"]["accuracy"] - pt[seed]["test"]["accuracy"]})
-        if paired:
-            reached = [p for p in paired if p["infoprompt_steps"] is not None]
-            row["infoprompt_vs_prompt"] = {
-                "per_seed": paired,
-                "infoprompt_reached_prompt_best": f"{len(reached)}/{len(paired)}",
-                "infoprompt_steps_to_prompt_best": summarize([p["infoprompt_steps"] for p in reached]),
-                "prompt_steps_to_own_best": summarize([p["prompt_steps"] for p in paired]),
-                "test_acc_diff": summarize([p["test_acc_diff"] for p in paired])}
         out.append(row)
     return out
 
