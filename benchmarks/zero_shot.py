@@ -15,18 +15,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infoprompt_ds.config import parse_config  # noqa: E402
 from infoprompt_ds.io import write_json_atomic  # noqa: E402
-from infoprompt_ds.train_loop import setup, validate  # noqa: E402
-from infoprompt_ds.unprompted_cache import compute_unprompted  # noqa: E402
+from infoprompt_ds.train_loop import setup, unprompted_pass, validate  # noqa: E402
 
 
 def main(argv=None) -> dict:
     cfg = parse_config(argv if argv is not None else sys.argv[1:])
     run = setup(cfg)
     try:
-        model = run.engine.module
-        if model.needs_unprompted:  # an instance prompt / VIB reads z with the training split's statistics
-            model.set_z_stats(compute_unprompted(run.engine, run.data.splits["train"], run.collate, cfg, run.world,
-                                                 run.rank, run.device, run.tokenizer, run.tracker, 0))
+        if run.engine.module.needs_unprompted:  # an instance prompt / VIB reads z with the training split's statistics
+            unprompted_pass(run)
         run.engine.eval()
         val, test = validate(run, "validation"), validate(run, "test")
         metric = run.data.task.metric

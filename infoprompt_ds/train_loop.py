@@ -369,16 +369,23 @@ def stop_if_asked(run: Run, step: int) -> None:
 
 # --- the loop --------------------------------------------------------------------------------------------
 
+def unprompted_pass(run: Run) -> torch.Tensor:
+    """z(x, no prompt) for the training split (collective: every rank calls it), and the z statistics set
+    from it: estimator=normalized standardises z with them, and predict applies the same from the meta."""
+    z = compute_unprompted(run.engine, run.data.splits["train"], run.collate, run.cfg, run.world, run.rank,
+                           run.device, run.tokenizer, run.tracker, run.start_step)
+    run.engine.module.set_z_stats(z)
+    run.export_meta["z_stats"] = run.engine.module.z_stats_meta()
+    return z
+
+
 def fit(run: Run) -> Run:
     cfg, engine = run.cfg, run.engine
     if run.params is not None:
         run.tracker.log_params(run.params)
         run.tracker.log_artifact(run.out / "ds_config.json")
     if engine.module.needs_unprompted:  # the estimators, the VIB's KL, or the z statistics need it
-        z = compute_unprompted(engine, run.data.splits["train"], run.collate, cfg, run.world, run.rank,
-                               run.device, run.tokenizer, run.tracker, run.start_step)
-        engine.module.set_z_stats(z)  # estimator=normalized standardises z with these
-        run.export_meta["z_stats"] = engine.module.z_stats_meta()  # predict applies the same statistics
+        z = unprompted_pass(run)
         run.z_cache = z if cfg.cache_unprompted else None
     micro = run.start_step * cfg.gradient_accumulation_steps  # micro-batches consumed so far
     window, epoch_cache = Window(), {}
