@@ -54,6 +54,11 @@ sys.path.insert(0, str(HERE.parent))
 from common import MINILM, RESULTS, ROOT, matmul_peak, summarize, write_results  # noqa: E402
 
 VARIANTS = ("prompt", "infoprompt", "infoprompt_nocache")
+# The readouts suite (issue 12's cost item): per read-out, static and instance prompts, each InfoPrompt
+# variant against the vanilla run with the same read-out and prompt type (ratio_to_control).
+READOUT_VARIANTS = ("prompt", "infoprompt", "prompt_instance", "infoprompt_instance")
+CONTROL = {"infoprompt": "prompt", "infoprompt_nocache": "prompt", "infoprompt_instance": "prompt_instance"}
+RT_LABELS = ["rotten", "fresh"]  # the rotten_tomatoes preset's labels: its label words name them
 
 
 # ------------------------------------------------------------------------------------------- worker
@@ -90,6 +95,7 @@ def worker(args) -> None:
     from infoprompt_ds.distributed import backbone_shard_report, retrace_zero3
     from infoprompt_ds.internals import full_numel
     from infoprompt_ds.data import resolve_task
+    from infoprompt_ds import readout as readouts
     from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
     from infoprompt_ds.method import Diagnostics
     from infoprompt_ds.train_loop import Run, train_step
@@ -116,53 +122,66 @@ def worker(args) -> None:
 
     rows = []
     engines: dict[tuple, object] = {}
+    readout_of: dict[str, str] = {}  # measure label -> read-out
 
-    def make(method: str, n_virtual: int, max_length: int):
+    def make(method: str, n_virtual: int, max_length: int, readout: str = "linear", prompt_type: str = "static"):
         cfg = TrainConfig(model_name_or_path=args.model, method=method, n_virtual_tokens=n_virtual,
                           max_length=max_length, per_device_train_batch_size=args.batch, bf16=bf16,
-                          deepspeed=ds_path, learning_rate=1e-3, output_dir=tempfile.mkdtemp())
+                          deepspeed=ds_path, learning_rate=1e-3, output_dir=tempfile.mkdtemp(),
+                          readout=readout, prompt_type=prompt_type)
         mc = load_model_config(cfg)
         tok = load_tokenizer(cfg)
         ds = json.loads(json.dumps(ds_filled))  # the same for every variant: batch, lr, precision, width
+        task = resolve_task(cfg, RT_LABELS)
+        ro = readouts.resolve(readout, mc, task.type, task.label_words, pair=False)
         torch.manual_seed(0)
-        model = build_model(cfg, mc, tok, resolve_task(cfg, ["neg", "pos"]), dtype, ds)
+        model = build_model(cfg, mc, tok, task, dtype, ds, ro)
         trainable = [p for p in model.parameters() if p.requires_grad]
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
         engine.train()
         return cfg, engine, mc
 
-    def batch_for(mc, length: int):
+    def batch_for(mc, length: int, mask_token_id=None):
         g = torch.Generator().manual_seed(1234 + rank)
         ids = torch.randint(5, mc.vocab_size - 1, (args.batch, length), generator=g)
-        b = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+        b = {}
+        if mask_token_id is not None:  # cloze reads z at <mask>: the last position, as a template ending in it
+            ids[:, -1] = mask_token_id
+            b["mask_pos"] = torch.full((args.batch,), length - 1, device=device)
+        b |= {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
              "labels": torch.randint(0, 2, (args.batch,), generator=g).to(device),
              "idx": torch.arange(args.batch, device=device)}  # rows of the z cache train_step looks up
         if getattr(mc, "type_vocab_size", 0):
             b["token_type_ids"] = torch.zeros_like(ids).to(device)
         return b
 
-    def real_step(engine, cfg, batch, variant, z_cache):
-        """The product's own train_step on a Run that holds only what a step reads."""
+    def real_step(engine, cfg, batch, z_cache):
+        """The product's own train_step on a Run that holds only what a step reads (z_cache None: the model
+        computes z(x, no prompt) itself when it needs it, a second forward per step)."""
         run = Run(cfg=cfg, rank=rank, world=world, device=device, engine=engine, data=None, collate=None,
                   tokenizer=None, tracker=None, out=Path(cfg.output_dir), total_steps=100_000, micro_per_epoch=1,
                   start_step=0, export_meta={}, stop=None, client={}, identity={},
                   diag=Diagnostics(cfg, engine.module),
-                  z_cache=z_cache if variant == "infoprompt" else None)  # nocache: a second forward per step
+                  z_cache=z_cache)
         return lambda: train_step(run, batch, 0)
 
-    def measure(label: str, mc, engines_by_variant: dict, length: int, n_virtual: int):
-        batch = batch_for(mc, length)
-        z_cache = None
-        if "infoprompt" in engines_by_variant:  # the cache train_loop computes before training
-            cfg_i, eng_i = engines_by_variant["infoprompt"]
-            eng_i.eval()
-            retrace_zero3(eng_i)
-            with torch.no_grad():
-                z_cache = eng_i(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
-                                   if k in batch}, unprompted_only=True)["z"]
-            eng_i.train()
-            retrace_zero3(eng_i)
-        fns = {v: real_step(e, c, batch, v, z_cache) for v, (c, e) in engines_by_variant.items()}
+    def unprompted_cache(eng, batch):
+        """What train_loop.fit computes before training: z(x, no prompt) per example and its statistics."""
+        eng.eval()
+        retrace_zero3(eng)
+        with torch.no_grad():
+            z = eng(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "mask_pos")
+                       if k in batch}, unprompted_only=True)["z"]
+        eng.module.set_z_stats(z)
+        eng.train()
+        retrace_zero3(eng)
+        return z
+
+    def measure(label: str, mc, engines_by_variant: dict, length: int, n_virtual: int, mask_token_id=None):
+        batch = batch_for(mc, length, mask_token_id)
+        z_caches = {v: unprompted_cache(e, batch) if e.module.needs_unprompted and v != "infoprompt_nocache"
+                    else None for v, (_, e) in engines_by_variant.items()}
+        fns = {v: real_step(e, c, batch, z_caches[v]) for v, (c, e) in engines_by_variant.items()}
         order = list(fns)
         times = {v: [] for v in order}
         block = {v: [] for v in order}  # per-repetition medians
@@ -216,12 +235,17 @@ def worker(args) -> None:
             step_s = sorted(block[v])[len(block[v]) // 2]
             flops = 4 * n_matmul * tokens
             ratios = [a / b for a, b in zip(block[v], block.get("prompt", block[v]))]
+            control = CONTROL.get(v) if CONTROL.get(v) in block else None
+            ctl_ratios = [a / b for a, b in zip(block[v], block[control])] if control else None
             rows.append({
                 "label": label, "variant": v, "world_size": world, "zero_stage": args.zero,
                 "model": args.model_label, "batch": args.batch, "seq_len": length, "n_virtual_tokens": n_virtual,
                 "step_s_median": step_s, "step_s_all": summarize(times[v]), "step_s_blocks": block[v],
                 "ratio_to_prompt": sorted(ratios)[len(ratios) // 2] if "prompt" in block else None,
                 "ratio_to_prompt_blocks": ratios if "prompt" in block else None,
+                "readout": readout_of.get(label, "linear"), "control": control,
+                "ratio_to_control": sorted(ctl_ratios)[len(ctl_ratios) // 2] if control else None,
+                "ratio_to_control_blocks": ctl_ratios,
                 "samples_per_s": args.batch * world / step_s,
                 "saved_activation_bytes": saved[v],
                 "gpu_peak_allocated_bytes": gpu_peak[v] if on_gpu else None,
@@ -246,6 +270,17 @@ def worker(args) -> None:
             cfg_i, eng_i, _ = engines[("infoprompt", n_v)]
             wanted = {"prompt": (cfg_p, eng_p), "infoprompt": (cfg_i, eng_i), "infoprompt_nocache": (cfg_i, eng_i)}
             measure("variants", mc, {v: wanted[v] for v in args.variants.split(",")}, L, n_v)
+        elif kind == "readout":  # one read-out: static and instance prompts, vanilla and InfoPrompt
+            n_v, L = args.n_virtual, args.seq_len
+            built = {v: make(v.split("_")[0], n_v, max(L, 8), readout=spec,
+                             prompt_type="instance" if v.endswith("_instance") else "static")
+                     for v in args.variants.split(",")}
+            mc = next(iter(built.values()))[2]
+            label = f"readout_{spec}"
+            readout_of[label] = spec
+            tok = load_tokenizer(next(iter(built.values()))[0])
+            measure(label, mc, {v: (c, e) for v, (c, e, _) in built.items()}, L, n_v,
+                    tok.mask_token_id if spec == "cloze" else None)
         elif kind == "seq":  # sequence-length sweep, prompt + infoprompt, one engine each
             n_v = args.n_virtual
             lengths = [int(x) for x in spec.split("/")]
@@ -290,6 +325,26 @@ def gpu_large_model(cache: Path) -> str:
     torch.manual_seed(0)
     LlamaModel(cfg).to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
+    return str(out)
+
+
+def random_mlm(cache: Path, like: str) -> str:
+    """A masked LM with MiniLM's shape and random weights (BertForMaskedLM, MLM head included), saved once:
+    the cloze read-out's cost only. No packaged English MLM ships its MLM head (see docs/method.md)."""
+    out = cache / "minilm-shape-mlm-random"
+    if (out / "config.json").is_file():
+        return str(out)
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM
+
+    from infoprompt_ds.model import resolve_model_path
+
+    like = resolve_model_path(like)  # the packaged MiniLM folder for its hub name
+    cfg = AutoConfig.from_pretrained(like)
+    cfg.architectures = ["BertForMaskedLM"]
+    torch.manual_seed(0)
+    BertForMaskedLM(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(like).save_pretrained(out)
     return str(out)
 
 
@@ -340,6 +395,19 @@ def cells_for(args) -> list[dict]:
             for zero in (2, 3):
                 cells.append({"name": f"cost-w{world}-z{zero}", "world": world, "zero": zero, **minilm,
                               "batch": args.batch, "seq_len": args.seq_len, "what": "variants"})
+    if "readouts" in suites or "all" in suites:  # issue 12: the read-outs, static + instance, ZeRO-3, 1 and 2 ranks
+        from prepare_assets import smollm2
+        b, L = (args.batch, args.seq_len) if gpu else (args.smol_batch, args.smol_seq_len)
+        models = {"linear": ({**minilm}, args.batch, args.seq_len),
+                  "cloze": ({"model": random_mlm(Path(args.cache), args.model), "model_label": "MiniLM-shape MLM (random)"},
+                            args.batch, args.seq_len),
+                  "lm_label": ({"model": str(smollm2()), "model_label": "SmolLM2-135M"}, b, L)}
+        for world in (1, 2):
+            if world > 1 and gpu and torch.cuda.device_count() < 2:
+                continue
+            for kind, (model, batch, length) in models.items():
+                cells.append({"name": f"readout-{kind}-w{world}-z3", "world": world, "zero": 3, **model, "batch": batch,
+                              "seq_len": length, "what": f"readout:{kind}", "variants": ",".join(READOUT_VARIANTS)})
     if "scaling" in suites or "all" in suites:
         cells.append({"name": "scaling-seq-w1-z3", "world": 1, "zero": 3, **minilm, "batch": args.batch,
                       "seq_len": args.seq_len, "what": "seq:" + args.seq_lens})
@@ -370,7 +438,7 @@ def cells_for(args) -> list[dict]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="all", help="all | cost,scaling,efficiency,gpu")
+    ap.add_argument("--suite", default="all", help="all | cost,readouts,scaling,efficiency,gpu")
     ap.add_argument("--model", default=MINILM)
     ap.add_argument("--model_label", default="all-MiniLM-L6-v2")
     ap.add_argument("--batch", type=int, default=16)
@@ -417,6 +485,7 @@ def main(argv=None):
         for r in c["rows"]:
             print(f"{c['cell']['name']:26s} {r['label']:16s} {r['variant']:19s} L={r['seq_len']:<4d} n={r['n_virtual_tokens']:<3d} "
                   f"step={r['step_s_median'] * 1e3:8.1f}ms ratio={r['ratio_to_prompt'] or float('nan'):.3f} "
+                  f"vs_control={r.get('ratio_to_control') or float('nan'):.3f} "
                   f"saved={r['saved_activation_bytes'] / 2**20:7.1f}MiB eff={r['fraction_of_matmul_peak']:.3f} "
                   f"bb_local={r['backbone_params_local']}")
     print(f"[bench_step] wrote {args.results} (logs in {log_dir})")

@@ -40,7 +40,7 @@ from .errors import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverg
 from .internals import full_numel
 from .io import write_json_atomic
 from .loss_guard import LossGuard
-from .process_group import init_process_group
+from .process_group import init_process_group, unlink_deepspeed_shm
 from .method import Diagnostics
 from .metrics import compute_metrics
 from .model import build_model, model_inputs
@@ -167,6 +167,7 @@ def setup(cfg: TrainConfig) -> Run:
     init_process_group("nccl" if on_gpu else "gloo", timedelta(minutes=cfg.dist_timeout_minutes))
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                timeout=timedelta(minutes=cfg.dist_timeout_minutes))
+    unlink_deepspeed_shm(prep.rank, prep.world)  # DeepSpeed leaves its CPU all-reduce segments in /dev/shm
     if on_gpu:
         accel.set_device(prep.local_rank)
     device = torch.device(accel.device_name(prep.local_rank) if on_gpu else "cpu")

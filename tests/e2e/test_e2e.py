@@ -36,9 +36,18 @@ def zero3_run(tmp_path_factory, tiny_llama, sentiment_files):
     out = tmp_path_factory.mktemp("e2e") / "full"
     args = ["--deepspeed", str(ROOT / "ds_configs/zero3.json"),
             *tiny_args(tiny_llama, sentiment_files, out, save_steps=6, save_total_limit=3)]
-    proc = run_cli(args, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
+    port = free_port()
+    proc = run_cli(args, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(port)])
     assert_ok(proc)
+    proc.master_port = port  # the name of DeepSpeed's shared-memory segments carries it
     return out, args, proc
+
+
+def test_no_shared_memory_segment_left_behind(zero3_run):
+    """DeepSpeed's CPU all-reduce op creates a ~67 MiB /dev/shm segment per rank and never removes it."""
+    _, _, proc = zero3_run
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.master_port}_*"))
+    assert not left, f"left in /dev/shm: {[p.name for p in left]}"
 
 
 def test_two_rank_zero3_partitions_the_backbone(zero3_run):
