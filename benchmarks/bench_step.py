@@ -58,7 +58,8 @@ VARIANTS = ("prompt", "infoprompt", "infoprompt_nocache")
 # variant against the vanilla run with the same read-out and prompt type (ratio_to_control).
 READOUT_VARIANTS = ("prompt", "infoprompt", "prompt_instance", "infoprompt_instance")
 CONTROL = {"infoprompt": "prompt", "infoprompt_nocache": "prompt", "infoprompt_instance": "prompt_instance"}
-RT_LABELS = ["rotten", "fresh"]  # the rotten_tomatoes preset's labels: its label words name them
+RT_LABELS = ["rotten", "fresh"]
+RT_WORDS = {"rotten": "bad", "fresh": "good"}  # the cloze/lm_label class rows start from these words' rows
 
 
 # ------------------------------------------------------------------------------------------- worker
@@ -128,7 +129,7 @@ def worker(args) -> None:
         cfg = TrainConfig(model_name_or_path=args.model, method=method, n_virtual_tokens=n_virtual,
                           max_length=max_length, per_device_train_batch_size=args.batch, bf16=bf16,
                           deepspeed=ds_path, learning_rate=1e-3, output_dir=tempfile.mkdtemp(),
-                          readout=readout, prompt_type=prompt_type)
+                          readout=readout, prompt_type=prompt_type, label_words=RT_WORDS)
         mc = load_model_config(cfg)
         tok = load_tokenizer(cfg)
         ds = json.loads(json.dumps(ds_filled))  # the same for every variant: batch, lr, precision, width
@@ -398,14 +399,17 @@ def cells_for(args) -> list[dict]:
     if "readouts" in suites or "all" in suites:  # issue 12: the read-outs, static + instance, ZeRO-3, 1 and 2 ranks
         from prepare_assets import smollm2
         b, L = (args.batch, args.seq_len) if gpu else (args.smol_batch, args.smol_seq_len)
-        models = {"linear": ({**minilm}, args.batch, args.seq_len),
-                  "cloze": ({"model": random_mlm(Path(args.cache), args.model), "model_label": "MiniLM-shape MLM (random)"},
-                            args.batch, args.seq_len),
-                  "lm_label": ({"model": str(smollm2()), "model_label": "SmolLM2-135M"}, b, L)}
+        models = {"linear": lambda: ({**minilm}, args.batch, args.seq_len),
+                  "cloze": lambda: ({"model": args.cloze_model or random_mlm(Path(args.cache), args.model),
+                                     "model_label": "cloze model" if args.cloze_model else "MiniLM-shape MLM (random)"},
+                                    args.batch, args.seq_len),
+                  "lm_label": lambda: ({"model": args.lm_model or str(smollm2()),
+                                        "model_label": "causal LM" if args.lm_model else "SmolLM2-135M"}, b, L)}
         for world in (1, 2):
             if world > 1 and gpu and torch.cuda.device_count() < 2:
                 continue
-            for kind, (model, batch, length) in models.items():
+            for kind in args.readout_kinds.split(","):
+                model, batch, length = models[kind]()
                 cells.append({"name": f"readout-{kind}-w{world}-z3", "world": world, "zero": 3, **model, "batch": batch,
                               "seq_len": length, "what": f"readout:{kind}", "variants": ",".join(READOUT_VARIANTS)})
     if "scaling" in suites or "all" in suites:
@@ -449,6 +453,10 @@ def main(argv=None):
     ap.add_argument("--smol_batch", type=int, default=4)
     ap.add_argument("--smol_seq_len", type=int, default=64)
     ap.add_argument("--no_smollm2", action="store_true")
+    ap.add_argument("--readout_kinds", default="linear,cloze,lm_label", help="readouts suite: which read-outs")
+    ap.add_argument("--cloze_model", default="", help="readouts suite: a *ForMaskedLM folder (default: a random "
+                    "MLM of --model's shape, saved once under --cache)")
+    ap.add_argument("--lm_model", default="", help="readouts suite: a *ForCausalLM folder (default: SmolLM2-135M)")
     ap.add_argument("--gpu_large", type=int, default=1, help="on a GPU, add the 1.1B random Llama cells")
     ap.add_argument("--only_world", type=int, default=0, help="keep only cells with this many ranks")
     ap.add_argument("--only_zero", type=int, default=0, help="keep only cells with this ZeRO stage")

@@ -52,6 +52,30 @@ def test_bench_step_smoke(tiny_bert_long, tmp_path):
     assert variants["prompt"]["ratio_to_prompt"] == 1.0
 
 
+def test_bench_step_readouts_smoke(tiny_bert_mlm, tiny_llama_lm, tmp_path):
+    """Issue 12's cost cells: per read-out, static and instance prompts, each InfoPrompt variant timed
+    against the vanilla run with the same read-out and prompt type."""
+    import bench_step
+
+    out = tmp_path / "step.json"
+    bench_step.main(["--suite", "readouts", "--readout_kinds", "cloze,lm_label", "--cloze_model", tiny_bert_mlm,
+                     "--lm_model", tiny_llama_lm, "--batch", "2", "--seq_len", "8", "--smol_batch", "2",
+                     "--smol_seq_len", "8", "--n_virtual", "2", "--reps", "1", "--steps", "1", "--warmup", "1",
+                     "--peak_n", "64", "--cpu", "--results", str(out), "--only_world", "1"])
+    doc = json.loads(out.read_text())
+    assert [c["cell"]["name"] for c in doc["cells"]] == ["readout-cloze-w1-z3", "readout-lm_label-w1-z3"]
+    for cell in doc["cells"]:
+        assert cell["status"] == "ok", cell
+        rows = {r["variant"]: r for r in cell["rows"]}
+        assert set(rows) == set(bench_step.READOUT_VARIANTS)
+        assert {r["readout"] for r in rows.values()} == {cell["cell"]["what"].split(":")[1]}
+        assert rows["infoprompt"]["control"] == "prompt" and rows["infoprompt_instance"]["control"] == "prompt_instance"
+        assert rows["infoprompt_instance"]["ratio_to_control"] > 0 and rows["prompt"]["ratio_to_control"] is None
+        # the instance generator and the estimators are trained parameters the static vanilla run lacks
+        assert rows["prompt"]["trainable_params"] < rows["prompt_instance"]["trainable_params"] < \
+            rows["infoprompt_instance"]["trainable_params"]
+
+
 def test_bench_peft_smoke(tiny_bert_long, tmp_path):
     pytest.importorskip("peft")
     import bench_peft

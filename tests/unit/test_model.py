@@ -156,3 +156,31 @@ def test_training_forward_reads_parameters_only_inside_their_modules(tiny_bert, 
     out["loss"].backward()
     assert model.estimator.critic is not None or over.get("estimator") == "authors"
     assert outside and outside <= READ_OUTSIDE_BY_DESIGN, outside - READ_OUTSIDE_BY_DESIGN
+
+
+@pytest.mark.parametrize("method", ["prompt", "infoprompt"])
+def test_a_training_step_with_the_cache_runs_the_backbone_once(tiny_bert, method):
+    """With cache_unprompted (train_loop.fit builds the cache), z(x, no prompt) reaches every model that
+    reads it: the instance prompt's generator too, in vanilla prompt tuning. mi_inputs used to give vanilla
+    runs nothing (they need no noise), so each of their steps ran a second backbone pass."""
+    from types import SimpleNamespace
+
+    from infoprompt_ds.model import model_inputs
+    from infoprompt_ds.train_loop import mi_inputs
+
+    cfg, tok, model = make(tiny_bert, method=method, prompt_type="instance")
+    b = {**batch(tok), "idx": torch.tensor([1, 0])}
+    inputs = model_inputs(b)
+    z_cache = model(**{k: v.flip(0) for k, v in inputs.items()}, unprompted_only=True)["z"]  # rows in idx order
+    model.set_z_stats(z_cache)
+    calls = []
+    model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    run = SimpleNamespace(cfg=cfg, engine=SimpleNamespace(module=model), z_cache=z_cache, device=torch.device("cpu"),
+                          world=1, rank=0, total_steps=10, micro_per_epoch=1)  # what a step reads of a Run
+    kwargs = mi_inputs(run, b, 0)
+    assert torch.equal(kwargs["z_unprompted"], z_cache[b["idx"]])
+    model.train()
+    model(**inputs, labels=torch.tensor([1, 0]), **kwargs)["loss"].backward()
+    assert len(calls) == 1
+    model(**inputs, labels=torch.tensor([1, 0]), **{k: v for k, v in kwargs.items() if k != "z_unprompted"})
+    assert len(calls) == 3  # the hook sees the pass the cache saves
