@@ -167,7 +167,8 @@ def worker(args) -> None:
         return lambda: train_step(run, batch, 0)
 
     def unprompted_cache(eng, batch):
-        """What train_loop.fit computes before training: z(x, no prompt) per example and its statistics."""
+        """What train_loop.fit computes before training: z(x, no prompt) per example and its statistics.
+        Not train_loop.unprompted_pass: that one walks a Run's train split; here there is one synthetic batch."""
         eng.eval()
         retrace_zero3(eng)
         with torch.no_grad():

@@ -94,6 +94,8 @@ def unlink_deepspeed_shm(rank: int, world: int) -> None:
     name. The mappings stay valid until the processes exit, and the memory is returned then, even on a kill."""
     import torch.distributed as dist
 
+    if int(os.environ.get("LOCAL_SIZE") or 0) != world:  # the op's own condition (shm_interface.cpp): no segment
+        return
     if world > 1:
         dist.barrier()
     path = Path(SHM_SEGMENT.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),

@@ -167,7 +167,8 @@ def setup(cfg: TrainConfig) -> Run:
     init_process_group("nccl" if on_gpu else "gloo", timedelta(minutes=cfg.dist_timeout_minutes))
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                timeout=timedelta(minutes=cfg.dist_timeout_minutes))
-    unlink_deepspeed_shm(prep.rank, prep.world)  # DeepSpeed leaves its CPU all-reduce segments in /dev/shm
+    if not on_gpu:  # DeepSpeed leaves its CPU all-reduce segments in /dev/shm (the op is CPU-only)
+        unlink_deepspeed_shm(prep.rank, prep.world)
     if on_gpu:
         accel.set_device(prep.local_rank)
     device = torch.device(accel.device_name(prep.local_rank) if on_gpu else "cpu")
