@@ -94,7 +94,12 @@ class Diagnostics:
         if getattr(self, "_head_grad", None) is not None and getattr(self, "_total_grad", None) is not None:
             rest = float((self._total_grad - self._head_grad).norm())
             self.ratios["head"] = _ratio(float(self._head_grad.norm()), rest)
-        self._head_grad = self._total_grad = None
+        if getattr(self, "_z_terms", None) and getattr(self, "_z_total", None) is not None:
+            ce_norm = float((self._z_total - sum(self._z_terms.values())).norm())  # CE's gradient at z
+            for t, g in self._z_terms.items():
+                self.ratios[t] = _ratio(float(g.norm()), ce_norm)
+        self._head_grad = self._total_grad = self._z_total = None
+        self._z_terms = {}
         for i, t in enumerate(TERMS):
             if t in m.passing:
                 self.sums[2 * i] += float(m.passing[t])
@@ -109,20 +114,24 @@ class Diagnostics:
         - L_head acts on P directly: ||grad_P gamma*L_head|| over the rest of the step's gradient on P,
           read from the real backward by a hook on the prompt tensor (finished in `add`);
         - L_repr and KL reach P only through z, by the same backbone Jacobian as CE: their ratio is taken
-          at z, ||grad_z term|| / ||grad_z CE||."""
+          at z, ||grad_z term|| / ||grad_z CE||, CE's part read from the real backward by a hook on z (the
+          total minus the terms'). Never by a gradient of CE taken here: that runs the classifier's backward
+          before the real one, and under ZeRO-3 the real backward then fails on the classifier's weight
+          (size 0 vs d) whenever L_head, which reads that weight outside its module, is off (gamma=0).
+          Test: tests/e2e/test_method.py::test_diagnostics_do_not_change_training."""
         m: MethodLoss = result["method"]
         if not self.active or m.prompt is None or not m.prompt.requires_grad:
             return
-        self._head_grad = None
+        self._head_grad, self._z_terms = None, {}
         if "head" in self.active:
             self._head_grad = torch.autograd.grad(m.weighted["head"], m.prompt, retain_graph=True)[0].detach()
             m.prompt.register_hook(lambda g: setattr(self, "_total_grad", g.detach()))
-        ce_g = torch.autograd.grad(m.ce, m.z, retain_graph=True, allow_unused=True)[0]
-        ce_norm = float(ce_g.norm()) if ce_g is not None else 0.0
         for t in ("repr", "kl"):
             if t in self.active:
                 g = torch.autograd.grad(m.weighted[t], m.z, retain_graph=True, allow_unused=True)[0]
-                self.ratios[t] = _ratio(float(g.norm()) if g is not None else 0.0, ce_norm)
+                self._z_terms[t] = g.detach() if g is not None else torch.zeros_like(m.z)
+        if self._z_terms:
+            m.z.register_hook(lambda g: setattr(self, "_z_total", g.detach()))
 
     def flush(self) -> dict[str, float]:
         import torch.distributed as dist

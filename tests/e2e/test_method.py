@@ -144,17 +144,22 @@ def test_instance_prompt_starts_as_the_static_prompt_and_then_depends_on_the_inp
     assert not torch.allclose(p[0], p[1])  # each input now gets its own prompt
 
 
-def test_diagnostics_do_not_change_training(tiny_bert, sentiment_files, tmp_path):
+@pytest.mark.parametrize("terms", ["head,repr,kl", "repr", "kl"])
+def test_diagnostics_do_not_change_training(tiny_bert, sentiment_files, tmp_path, terms):
     """The gradient-ratio diagnostics take extra gradients on logging steps: a real one-rank ZeRO-3 run that
     logs (and takes them) every step ends with bitwise the same weights as one that logs only at the end,
-    and the ratios it logs are non-zero."""
+    and the ratios it logs are non-zero. Each term alone too: with gamma=0 the diagnostics once broke the
+    step after the first logged one (a gradient of CE taken before the real backward)."""
     import mlflow
 
+    terms = terms.split(",")
+    weights = {"gamma": 0.1 if "head" in terms else 0, "beta": 0.2 if "repr" in terms else 0,
+               "kl_weight": 0.1 if "kl" in terms else 0}
     outs = {}
     for every in (1, 100):
         out = tmp_path / f"log{every}"
         proc = run_cli(tiny_args(tiny_bert, sentiment_files, out, max_steps=4, eval_steps=4, logging_steps=every,
-                                 vib_head="true"))
+                                 vib_head="true", **weights))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         assert "passes no gradient" not in proc.stdout
         outs[every] = load_file(str(out / "export" / "infoprompt.safetensors"))
@@ -162,7 +167,7 @@ def test_diagnostics_do_not_change_training(tiny_bert, sentiment_files, tmp_path
         assert torch.equal(outs[1][k], outs[100][k]), k
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'log1' / 'mlflow.db'}")  # the run's own store
     run_id = json.loads((tmp_path / "log1" / "metrics.json").read_text())["mlflow_run_id"]
-    for t in ("head", "repr", "kl"):
+    for t in terms:
         ratios = [m.value for m in client.get_metric_history(run_id, f"train/{t}_grad_ratio")]
         assert len(ratios) == 4 and all(r > 0 for r in ratios), (t, ratios)
 
