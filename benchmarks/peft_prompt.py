@@ -24,9 +24,10 @@ What is the same as our `prompt` arm:
 
 What differs (PEFT / the Trainer as a user gets them):
   - readout linear (encoders, e.g. MiniLM): AutoModelForSequenceClassification + TaskType.SEQ_CLS, i.e.
-    the model's own head (BERT: tanh pooler on [CLS], frozen, then a new, randomly initialised classifier,
-    which PEFT trains with the prompt). Ours: a linear head on the pooled state, its rows started from the
-    label words' embeddings.
+    the model's own head (BERT: the checkpoint's tanh pooler on [CLS], frozen, then a new, randomly
+    initialised classifier, which PEFT trains with the prompt). Ours: a linear head on the pooled state
+    (pooling auto: mean for all-MiniLM-L6-v2, the pooling it was trained with; its [CLS] pooler never was),
+    its rows started from the label words' embeddings.
   - readout lm_label (decoders, e.g. SmolLM2): what PEFT's prompt-tuning tutorial does for causal LMs:
     TaskType.CAUSAL_LM, the input + cue followed by the label word's first token, the LM loss (softmax
     over the whole vocabulary) on that token only; the LM head stays frozen, only the prompt trains. The
