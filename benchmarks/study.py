@@ -16,7 +16,10 @@ and benchmarks/results/convergence_<tag>.png.
 Arms (--methods, or its alias --arms) are named flag sets (ARMS below): the methods themselves (prompt,
 infoprompt, probe), InfoPrompt variants (infoprompt_authors, head_only, repr_only, kl_only, ...), each with
 the vanilla control it is paired with (CONTROL: e.g. infoprompt_vib vs prompt_vib, so the VIB's effect is
-not credited to the MI terms), and `zeroshot` (no training: the read-out at step 0, benchmarks/zero_shot.py).
+not credited to the MI terms), `zeroshot` (no training: the read-out at step 0, benchmarks/zero_shot.py), and
+`peft` (Hugging Face PEFT prompt tuning trained by the HF Trainer with the same DeepSpeed json, data and steps,
+benchmarks/peft_prompt.py: what users would pick instead; paired with `prompt` on the same seeds and k-shot
+samples, though its prompt init and data order are PEFT's and the Trainer's).
 Every arm is paired with its control on the same seeds (same sample, init, data order): per-seed test
 differences, how many seeds went up, and a paired t-test (scipy.stats.ttest_rel) in the summary.
 
@@ -56,7 +59,11 @@ ARMS: dict[str, dict[str, str]] = {
     "infoprompt_random": {"method": "infoprompt", "prompt_init": "random"},
     # The frozen LM's own answer through the read-out (no prompt: method=probe), by zero_shot.py, never trained.
     "zeroshot": {"method": "probe"},
+    # HF PEFT prompt tuning trained by the HF Trainer (peft_prompt.py; `method` is ignored there), vs `prompt`.
+    "peft": {"method": "prompt"},
 }
+# Arms run by another script than train.py: same flags, same output_dir/metrics.json.
+SCRIPTS = {"zeroshot": "benchmarks/zero_shot.py", "peft": "benchmarks/peft_prompt.py"}
 # The arm each arm is compared with, seed by seed (default: vanilla prompt tuning).
 CONTROL = {"infoprompt_vib": "prompt_vib", "infoprompt_instance": "prompt_instance",
            "infoprompt_random": "prompt_random", "prompt": "zeroshot", "zeroshot": None}  # None: the floor
@@ -119,7 +126,7 @@ def run_one(spec: dict, args, work: Path) -> dict:
         for kv in args.set_infoprompt:
             k, v = kv.split("=", 1)
             flags[k] = v
-    script = ROOT / ("benchmarks/zero_shot.py" if spec["method"] == "zeroshot" else "train.py")
+    script = ROOT / SCRIPTS.get(spec["method"], "train.py")
     cmd = [sys.executable, str(script)] + [x for k, v in flags.items() for x in (f"--{k}", v)]
     metrics_file = out / "metrics.json"
     wall = None

@@ -128,3 +128,44 @@ def test_study_smoke(tiny_bert_long, tmp_path, capsys):
     assert len(table) == 4 and table[2].startswith("| defaults") and table[3].startswith("| gamma=0.5 (InfoPrompt only)")
     assert table[3].split("|")[2].strip() == "1" and table[3].endswith("| smoke |") and len(table[3].split("|")) == 10  # 1 paired seed, base prompt run
 
+
+
+def test_study_peft_arm_smoke(tiny_bert_long, tiny_llama_lm, tmp_path):
+    """Issue 13's `peft` arm (benchmarks/peft_prompt.py: HF PEFT prompt tuning through the HF Trainer) beside
+    our vanilla `prompt` arm, on an encoder (readout linear -> SEQ_CLS) and a causal LM (readout lm_label ->
+    CAUSAL_LM), paired seed by seed."""
+    pytest.importorskip("peft")
+    import study
+
+    files = {k: write_csv(tmp_path / f"{k}.csv", make_rows(n, s)) for k, n, s in
+             (("train", 8, 0), ("validation", 4, 1), ("test", 4, 2))}
+    out = tmp_path / "study_peft.json"
+    study.main(["--datasets", "local", "--backbones", f"{tiny_bert_long},{tiny_llama_lm}", "--seeds", "0",
+                "--methods", "prompt,peft", "--max_steps", "4", "--eval_steps", "2", "--max_eval_samples", "8",
+                "--work_dir", str(tmp_path / "work"), "--tag", "peft", "--results", str(out),
+                "--set", f"train_file={files['train']}", "--set", f"validation_file={files['validation']}",
+                "--set", f"test_file={files['test']}", "--set", "label_words=pos=good,neg=bad",
+                "--set", "n_virtual_tokens=2", "--set", "max_length=16", "--set", "per_device_train_batch_size=4"])
+    doc = json.loads(out.read_text())
+    assert doc["n_finished"] == 4, [(r["name"], r["status"]) for r in doc["runs"]]
+    for run in doc["runs"]:  # the same validation schedule in both arms: every eval_steps and the last step
+        assert [s for s, _ in run["eval_history"]] == [2, 4], (run["name"], run["eval_history"])
+    kinds = {}
+    for run in (r for r in doc["runs"] if r["method"] == "peft"):
+        assert "peft_prompt.py" in " ".join(run["command"])
+        m = json.loads((tmp_path / "work" / "peft" / "runs" / run["name"] / "metrics.json").read_text())
+        assert {"best_validation_accuracy", "best_step", "mlflow_run_id"} <= set(m) and m["best_step"] in (2, 4)
+        assert {"accuracy", "macro_f1"} <= set(m["test"]) and m["test_weights"] == "best"
+        assert m["ds_config_vs_train_py"] == {}  # the Trainer ran the DeepSpeed json train.py fills, value for value
+        kinds[run["backbone"]] = m["peft"]
+    assert kinds[tiny_bert_long]["task_type"] == "SEQ_CLS"
+    # CAUSAL_LM trains the prompt alone (2 virtual tokens x 32 wide); SEQ_CLS adds the new classifier (33 x 2)
+    assert kinds[tiny_llama_lm] == {**kinds[tiny_llama_lm], "task_type": "CAUSAL_LM", "trainable_params": 2 * 32}
+    assert kinds[tiny_bert_long]["trainable_params"] == 2 * 32 + 33 * 2
+    assert len(doc["summary"]) == 2
+    for cell in doc["summary"]:
+        assert set(cell["methods"]) == {"prompt", "peft"}
+        vs = cell["vs_control"]["peft - prompt"]
+        assert vs["seeds"] == [0] and len(vs["per_seed_diff"]) == 1
+        assert vs["per_seed_diff"][0] == pytest.approx(
+            cell["methods"]["peft"]["test_accuracy"]["mean"] - cell["methods"]["prompt"]["test_accuracy"]["mean"])
