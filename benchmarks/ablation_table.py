@@ -3,6 +3,10 @@
     python benchmarks/ablation_table.py                      # markdown to stdout
     python benchmarks/ablation_table.py --base rt_minilm --k 64 --seeds 0,1,2
     python benchmarks/ablation_table.py --base rt_minilm --k 256 --seeds 0,1,2,3,4 --variants study_rt_minilm_noclamp.json
+    python benchmarks/ablation_table.py --arms benchmarks/results/study_v2_rt_minilm_ablate.json
+
+--arms: one study file whose arms (study.py ARMS) ran side by side; a row per arm against its own control
+(study.py CONTROL), from the file's `vs_control` summary.
 
 Each ablation is a `study.py --tag ablate_<name>` run on the same cell (dataset, backbone, k) and seeds as
 the base grid. A row pairs the ablated InfoPrompt with vanilla prompt tuning *of the same seeds*: from the
@@ -51,6 +55,33 @@ def row(name: str, ip: dict[int, dict], pt: dict[int, dict], seeds: list[int], s
             f"{fmt(early(ip))} vs {fmt(early(pt))} | {steps} | {source} |")
 
 
+def arms_table(path: Path) -> list[str]:
+    """Each arm of one study file against its control (study.py CONTROL), as the file's summary pairs them."""
+    from study import ARMS
+
+    doc = json.loads(path.read_text())
+    lines = []
+    for cell in doc["summary"]:
+        methods = cell["methods"]
+        lines += [f"{cell['dataset']} / {cell['backbone']} / k={cell['k_shot']}", "",
+                  "| arm | flags | seeds | test (mean ± std) | control | control test | paired diff (seeds up) | "
+                  "paired t-test p | reached the control's best validation |", "|---|---|---|---|---|---|---|---|---|"]
+        for pair, vs in cell["vs_control"].items():
+            arm, control = pair.split(" - ")
+            if vs is None:
+                continue
+            metric = vs.get("metric", "accuracy")
+            mean_sd = lambda m: f"{methods[m][f'test_{metric}']['mean']:.3f} ± {methods[m][f'test_{metric}']['std']:.3f}"  # noqa: E731
+            reached = [s for s in vs["steps_to_control_best"] if s is not None]
+            flags = " ".join(f"{k}={v}" for k, v in ARMS.get(arm, {}).items())
+            p = f"{vs['paired_t']['p']:.3f}" if "paired_t" in vs else "-"
+            lines.append(f"| {arm} | {flags} | {len(vs['seeds'])} | {mean_sd(arm)} | {control} | {mean_sd(control)} | "
+                         f"{vs['test_acc_diff']['mean']:+.3f} ± {vs['test_acc_diff']['std']:.3f} ({vs['up']}) | {p} | "
+                         f"{len(reached)}/{len(vs['seeds'])} |")
+        lines.append("")
+    return lines
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="rt_minilm", help="tag of the base grid")
@@ -58,7 +89,11 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--results_dir", default=str(RESULTS))
     ap.add_argument("--variants", default="study_ablate_*.json", help="glob of the variants' results files")
+    ap.add_argument("--arms", default=None, help="one study results file: each arm against its control")
     args = ap.parse_args(argv)
+    if args.arms:
+        print("\n".join(arms_table(Path(args.arms))))
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     results = Path(args.results_dir)
     base_doc = json.loads((results / f"study_{args.base}.json").read_text())

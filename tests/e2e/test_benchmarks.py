@@ -128,6 +128,15 @@ def test_study_smoke(tiny_bert_long, tmp_path, capsys):
     assert len(table) == 4 and table[2].startswith("| defaults") and table[3].startswith("| gamma=0.5 (InfoPrompt only)")
     assert table[3].split("|")[2].strip() == "1" and table[3].endswith("| smoke |") and len(table[3].split("|")) == 10  # 1 paired seed, base prompt run
 
+    # the arms of one file, each against its own control
+    ablation_table.main(["--arms", str(out)])
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]]
+            for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and not r.startswith("| arm")}
+    assert set(rows) == {"infoprompt", "prompt"} and rows["infoprompt"][4] == "prompt" and rows["prompt"][4] == "zeroshot"
+    assert rows["infoprompt"][2] == "2" and rows["infoprompt"][1] == "method=infoprompt"
+    diff = vs["infoprompt - prompt"]["test_acc_diff"]["mean"]
+    assert rows["infoprompt"][6].startswith(f"{diff:+.3f}")
+
 
 
 def test_study_peft_arm_smoke(tiny_bert_long, tiny_llama_lm, tmp_path):
