@@ -64,3 +64,34 @@ def test_newsgroups20_splits(tmp_path):
     import study
     assert {kv.split("=")[0] for kv in study.NG20_WORDS.split(",")} == set(per_class["train"])
 
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--grid", "gamm=0.1,0.2"], "--grid"),  # not a TrainConfig field
+    (["--grid", "gamma=0.1,abc"], "gamma"),  # a value that does not parse
+    (["--control_grid", "gamma=0.1"], "gamma"),  # vanilla prompt tuning has no gamma
+    (["--max_configs", "0"], "max_configs"),
+])
+def test_tune_bad_input(flags, field, tmp_path, capsys):
+    """tune.py refuses bad grids with one line naming the field, exit 2, before any training."""
+    import tune
+
+    with pytest.raises(SystemExit) as e:
+        tune.main(["--datasets", "local", "--backbones", "none", "--work_dir", str(tmp_path)] + flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {field}"), err
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_tune_configs_budget():
+    """The grid's product in order; a larger grid: a seeded subset of max_configs, still in grid order."""
+    import tune
+
+    grid = tune.parse_grid(["gamma=0.05,0.1,0.3", "beta=0.1,0.2,0.5", "learning_rate=3e-3,1e-2"], "--grid")
+    allc = tune.configs(grid, 100, 0)
+    assert len(allc) == 18 and allc[0] == {"gamma": "0.05", "beta": "0.1", "learning_rate": "3e-3"}
+    sub = tune.configs(grid, 5, 0)
+    assert sub == tune.configs(grid, 5, 0) and len(sub) == 5
+    assert [allc.index(c) for c in sub] == sorted(allc.index(c) for c in sub)
+    assert tune.configs({}, 3, 0) == [{}]  # no grid: the defaults, one config
