@@ -208,3 +208,50 @@ def test_study_tweet_ner_smoke(tiny_bert_long, tmp_path, capsys):
         assert 0.0 <= s["test_entity_f1"]["mean"] <= 1.0
     vs = cell["vs_control"]["infoprompt - prompt"]
     assert vs["metric"] == "entity_f1" and vs["seeds"] == [0]
+
+
+def test_tune_smoke(tiny_bert_long, tmp_path, capsys):
+    """tune.py (issue 13): a 2-config grid per side on 1 tune seed, chosen on validation, the chosen pair
+    run once on the final seed; tuning runs carry no test values; the recorded study.py command of a
+    final cell reuses its runs and gives the same test numbers."""
+    import shlex
+
+    import study
+    import tune
+
+    files = {k: write_csv(tmp_path / f"{k}.csv", make_rows(n, s)) for k, n, s in
+             (("train", 8, 0), ("validation", 4, 1), ("test", 4, 2))}
+    out = tmp_path / "tune_smoke.json"
+    tune.main(["--datasets", "local", "--backbones", tiny_bert_long, "--k_shots", "64", "--tune_seeds", "0",
+               "--final_seeds", "0", "--arm", "infoprompt", "--grid", "gamma=0.05,0.5", "--control", "prompt",
+               "--control_grid", "learning_rate=1e-3,3e-1", "--max_configs", "4",
+               "--max_steps", "4", "--eval_steps", "2", "--max_eval_samples", "8", "--work_dir", str(tmp_path / "work"),
+               "--set", f"train_file={files['train']}", "--set", f"validation_file={files['validation']}",
+               "--set", f"test_file={files['test']}", "--set", "label_words=pos=good,neg=bad",
+               "--set", "n_virtual_tokens=2", "--set", "max_length=16", "--set", "per_device_train_batch_size=4",
+               "--tag", "smoke", "--jobs", "2", "--results", str(out)])
+    printed = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert_results_meta(doc)
+    assert doc["budget"] == {"infoprompt": {"configs": 2, "tune_runs": 2}, "prompt": {"configs": 2, "tune_runs": 2}}
+    for arm in ("infoprompt", "prompt"):
+        rows = doc["tuning"][arm]
+        assert len(rows) == 2 and all(r["best_validation"]["n"] == 1 for r in rows)
+        means = [r["best_validation"]["mean"] for r in rows]
+        assert doc["chosen"][arm] == rows[means.index(max(means))]["config"]  # first of the best: grid order
+        assert f"[tune] {arm}: chose {rows[means.index(max(means))]['label']}" in printed
+    assert len(doc["tune_runs"]) == 4 and all(r["status"] == "finished" for r in doc["tune_runs"])
+    assert all("test" not in r and r["eval_history"] for r in doc["tune_runs"])  # validation kept, test never
+    assert {r["config"] for r in doc["tune_runs"]} == {"gamma=0.05", "gamma=0.5", "learning_rate=1e-3", "learning_rate=3e-1"}
+    pair = doc["final"]["paired"]["infoprompt - prompt"]
+    assert pair["seeds"] == [0] and pair["metric"] == "accuracy" and len(pair["per_seed_diff"]) == 1
+    assert set(doc["final"]["summary"][0]["methods"]) == {"infoprompt", "prompt"}
+    final = {r["method"]: r for r in doc["final_runs"]}
+    assert all("test" in r for r in final.values())
+
+    # each final cell is one study.py command: it reuses the runs and reports the same test numbers
+    cmd = shlex.split(doc["final"]["commands"]["prompt"])
+    assert cmd[:2] == ["python", "benchmarks/study.py"] and f"learning_rate={doc['chosen']['prompt']['learning_rate']}" in cmd
+    study.main(cmd[2:] + ["--results", str(tmp_path / "study_check.json")])
+    again = json.loads((tmp_path / "study_check.json").read_text())["runs"]
+    assert len(again) == 1 and again[0]["test"] == final["prompt"]["test"] and again[0]["name"] == final["prompt"]["name"]
