@@ -41,8 +41,8 @@ from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import study  # noqa: E402
-from common import RESULTS, ROOT, summarize, write_results  # noqa: E402
+import study
+from common import RESULTS, ROOT, summarize, write_results
 
 
 def parse_grid(items: list[str], side: str) -> dict[str, list[str]]:
