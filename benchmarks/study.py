@@ -282,6 +282,31 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def add_run_args(ap: argparse.ArgumentParser, tag: str, results: str) -> None:
+    """The options of how each run is made and where it goes (study.py and tune.py)."""
+    ap.add_argument("--max_steps", type=int, default=80)
+    ap.add_argument("--eval_steps", type=int, default=10)
+    ap.add_argument("--max_eval_samples", type=int, default=256)
+    ap.add_argument("--set", action="append", default=[], help="key=value for every run")
+    ap.add_argument("--set_infoprompt", action="append", default=[], help="key=value for InfoPrompt runs")
+    ap.add_argument("--tag", default=tag)
+    ap.add_argument("--work_dir", default=str(ROOT / "outputs" / "bench" / "study"))
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--results", default=None, help=f"results json (default benchmarks/results/{results})")
+    ap.add_argument("--rerun", action="store_true", help="rerun runs that already finished")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cpu_count/jobs threads)")
+
+
+def run_many(jobs: list[tuple], n: int) -> list[dict]:
+    """run_one(spec, args, work) for each job, n at a time, results in job order."""
+    if n > 1:
+        # Independent train.py processes; the sqlite store is shared (the tracker retries a busy store).
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(lambda j: run_one(*j), jobs))
+    return [run_one(*j) for j in jobs]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="rt")
@@ -290,30 +315,14 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", "--arms", dest="methods", default="infoprompt,prompt,probe",
                     help=f"arms, comma separated: {', '.join(ARMS)}")
-    ap.add_argument("--max_steps", type=int, default=80)
-    ap.add_argument("--eval_steps", type=int, default=10)
-    ap.add_argument("--max_eval_samples", type=int, default=256)
-    ap.add_argument("--set", action="append", default=[], help="key=value for every run")
-    ap.add_argument("--set_infoprompt", action="append", default=[], help="key=value for InfoPrompt runs")
-    ap.add_argument("--tag", default="reduced")
-    ap.add_argument("--work_dir", default=str(ROOT / "outputs" / "bench" / "study"))
-    ap.add_argument("--cache", default=None)
-    ap.add_argument("--results", default=None, help="results json (default benchmarks/results/study_<tag>.json)")
-    ap.add_argument("--rerun", action="store_true", help="rerun runs that already finished")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cpu_count/jobs threads)")
+    add_run_args(ap, tag="reduced", results="study_<tag>.json")
     args = ap.parse_args(argv)
     work = Path(args.work_dir) / args.tag
     specs = [{"dataset": d, "backbone": b, "k": int(k), "seed": int(s), "method": m}
              for d in args.datasets.split(",") for b in args.backbones.split(",")
              for k in args.k_shots.split(",") for s in args.seeds.split(",") for m in args.methods.split(",")]
     t0 = time.perf_counter()
-    if args.jobs > 1:
-        # Independent train.py processes; the sqlite store is shared (the tracker retries a busy store).
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(lambda s: run_one(s, args, work), specs))
-    else:
-        runs = [run_one(s, args, work) for s in specs]
+    runs = run_many([(s, args, work) for s in specs], args.jobs)
     results_path = Path(args.results) if args.results else RESULTS / f"study_{args.tag}.json"
     plot_path = results_path.with_name(f"convergence_{args.tag}.png")
     plot(runs, plot_path)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study
-from common import RESULTS, ROOT, summarize, write_results
+from common import RESULTS, summarize, write_results
 
 
 def parse_grid(items: list[str], side: str) -> dict[str, list[str]]:
@@ -112,22 +112,13 @@ def study_command(args, arm: str, config: dict[str, str], tag: str) -> str:
     return shlex.join(cmd)
 
 
-def run_all(jobs: list[tuple], n: int) -> list[dict]:
-    """(spec, namespace, work) -> study.run_one, n at a time."""
-    if n > 1:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(n) as pool:
-            return list(pool.map(lambda j: study.run_one(*j), jobs))
-    return [study.run_one(*j) for j in jobs]
-
-
 def tune_side(args, arm: str, cfgs: list[dict[str, str]]) -> tuple[list[dict], list[dict]]:
     """Every config on every tune seed; rows of mean ± std best validation value, and the runs without test."""
     seeds = [int(s) for s in args.tune_seeds.split(",")]
     cell = {"dataset": args.datasets, "backbone": args.backbones, "k": args.k_shots}
     jobs = [({**cell, "seed": s, "method": arm}, ns(args, f"{args.tag}-tune", c),
              Path(args.work_dir) / args.tag / "tune" / arm / label(c)) for c in cfgs for s in seeds]
-    runs = run_all(jobs, args.jobs)
+    runs = study.run_many(jobs, args.jobs)
     rows = []
     for i, c in enumerate(cfgs):
         rs = [r for r in runs[i * len(seeds):(i + 1) * len(seeds)] if r["status"] == "finished"]
@@ -166,17 +157,7 @@ def main(argv=None):
     ap.add_argument("--control_grid", action="append", default=[], help="key=v1,v2,... for the control")
     ap.add_argument("--max_configs", type=int, default=12, help="configs per side at most")
     ap.add_argument("--grid_seed", type=int, default=0, help="seed of the random subset of a larger grid")
-    ap.add_argument("--max_steps", type=int, default=80)
-    ap.add_argument("--eval_steps", type=int, default=10)
-    ap.add_argument("--max_eval_samples", type=int, default=256)
-    ap.add_argument("--set", action="append", default=[], help="key=value for every run")
-    ap.add_argument("--set_infoprompt", action="append", default=[], help="key=value for InfoPrompt runs")
-    ap.add_argument("--tag", default="tune")
-    ap.add_argument("--work_dir", default=str(ROOT / "outputs" / "bench" / "study"))
-    ap.add_argument("--cache", default=None)
-    ap.add_argument("--results", default=None, help="results json (default benchmarks/results/tune_<tag>.json)")
-    ap.add_argument("--rerun", action="store_true", help="rerun runs that already finished")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cpu_count/jobs threads)")
+    study.add_run_args(ap, tag="tune", results="tune_<tag>.json")
     args = ap.parse_args(argv)
     control = args.control or study.CONTROL.get(args.arm, "prompt")
 
@@ -225,7 +206,7 @@ def main(argv=None):
         commands[arm] = study_command(args, arm, chosen[arm]["config"], tag)
         jobs += [({**cell, "seed": s, "method": arm}, ns(args, tag, chosen[arm]["config"]), Path(args.work_dir) / tag)
                  for s in final_seeds]
-    final_runs = run_all(jobs, args.jobs)
+    final_runs = study.run_many(jobs, args.jobs)
     done = [r for r in final_runs if r["status"] == "finished"]
     paired = study.paired_vs([r for r in done if r["method"] == args.arm], [r for r in done if r["method"] == control])
 
