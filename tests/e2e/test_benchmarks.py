@@ -148,7 +148,7 @@ def test_study_peft_arm_smoke(tiny_bert_long, tiny_llama_lm, tmp_path):
 
     files = {k: write_csv(tmp_path / f"{k}.csv", make_rows(n, s)) for k, n, s in
              (("train", 8, 0), ("validation", 4, 1), ("test", 4, 2))}
-    out = tmp_path / "study_peft.json"
+    out = tmp_path / "study_peft_arm.json"  # not the tag's name: the plot follows the results file
     study.main(["--datasets", "local", "--backbones", f"{tiny_bert_long},{tiny_llama_lm}", "--seeds", "0",
                 "--methods", "prompt,peft", "--max_steps", "4", "--eval_steps", "2", "--max_eval_samples", "8",
                 "--work_dir", str(tmp_path / "work"), "--tag", "peft", "--results", str(out),
@@ -156,6 +156,7 @@ def test_study_peft_arm_smoke(tiny_bert_long, tiny_llama_lm, tmp_path):
                 "--set", f"test_file={files['test']}", "--set", "label_words=pos=good,neg=bad",
                 "--set", "n_virtual_tokens=2", "--set", "max_length=16", "--set", "per_device_train_batch_size=4"])
     doc = json.loads(out.read_text())
+    assert doc["plot"].endswith("convergence_peft_arm.png") and (tmp_path / "convergence_peft_arm.png").is_file()
     assert doc["n_finished"] == 4, [(r["name"], r["status"]) for r in doc["runs"]]
     for run in doc["runs"]:  # the same validation schedule in both arms: every eval_steps and the last step
         assert [s for s, _ in run["eval_history"]] == [2, 4], (run["name"], run["eval_history"])
