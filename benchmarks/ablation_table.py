@@ -57,7 +57,7 @@ def row(name: str, ip: dict[int, dict], pt: dict[int, dict], seeds: list[int], s
 
 def arms_table(path: Path) -> list[str]:
     """Each arm of one study file against its control (study.py CONTROL), as the file's summary pairs them."""
-    from study import ARMS
+    from study import ARMS, SCRIPTS
 
     doc = json.loads(path.read_text())
     lines = []
@@ -74,6 +74,8 @@ def arms_table(path: Path) -> list[str]:
             mean_sd = lambda m: f"{methods[m][f'test_{metric}']['mean']:.3f} ± {methods[m][f'test_{metric}']['std']:.3f}"  # noqa: E731
             reached = [s for s in vs["steps_to_control_best"] if s is not None]
             flags = " ".join(f"{k}={v}" for k, v in ARMS.get(arm, {}).items())
+            if arm in SCRIPTS:  # e.g. peft: method=prompt alone would read as our own vanilla arm
+                flags = f"{Path(SCRIPTS[arm]).name} {flags}"
             p = f"{vs['paired_t']['p']:.3f}" if "paired_t" in vs else "-"
             lines.append(f"| {arm} | {flags} | {len(vs['seeds'])} | {mean_sd(arm)} | {control} | {mean_sd(control)} | "
                          f"{vs['test_acc_diff']['mean']:+.3f} ± {vs['test_acc_diff']['std']:.3f} ({vs['up']}) | {p} | "

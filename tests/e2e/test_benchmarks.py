@@ -179,6 +179,10 @@ def test_study_peft_arm_smoke(tiny_bert_long, tiny_llama_lm, tmp_path):
         assert vs["seeds"] == [0] and len(vs["per_seed_diff"]) == 1
         assert vs["per_seed_diff"][0] == pytest.approx(
             cell["methods"]["peft"]["test_accuracy"]["mean"] - cell["methods"]["prompt"]["test_accuracy"]["mean"])
+    import ablation_table
+
+    peft_rows = [r for r in ablation_table.arms_table(out) if r.startswith("| peft |")]
+    assert len(peft_rows) == 2 and all("| peft_prompt.py method=prompt |" in r for r in peft_rows), peft_rows
 
 
 def test_study_tweet_ner_smoke(tiny_bert_long, tmp_path, capsys):
