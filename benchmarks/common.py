@@ -34,7 +34,10 @@ def git_info() -> dict[str, Any]:
         except Exception:
             return ""
     return {"commit": git("rev-parse", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+            # results files are outputs, not code: a cell re-run with one more arm rewrites its own tracked plot
+            # just before its json, which must not mark the code it ran as modified
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                              ":(exclude)benchmarks/results"))}
 
 
 def versions() -> dict[str, Optional[str]]:
