@@ -37,7 +37,7 @@ def git_info() -> dict[str, Any]:
             # results files are outputs, not code: a cell re-run with one more arm rewrites its own tracked plot
             # just before its json, which must not mark the code it ran as modified
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                              ":(exclude)benchmarks/results"))}
+                              f":(exclude){RESULTS.relative_to(ROOT)}"))}
 
 
 def versions() -> dict[str, Optional[str]]:
