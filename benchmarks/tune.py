@@ -26,7 +26,8 @@ command of each final cell is in the results (`final.commands`): it reuses these
 numbers to study_<that tag>.json. The final summary is study.summarise's, plus study.paired_vs of the arm
 against the control (paired test difference, seeds up, t-test, convergence).
 
-Writes benchmarks/results/tune_<tag>.json (common.write_results: meta block with the command).
+Writes benchmarks/results/tune_<tag>.json (<tag>.json when the tag starts with "tune"; common.write_results: meta
+block with the command).
 """
 
 from __future__ import annotations
@@ -210,7 +211,9 @@ def main(argv=None):
     done = [r for r in final_runs if r["status"] == "finished"]
     paired = study.paired_vs([r for r in done if r["method"] == args.arm], [r for r in done if r["method"] == control])
 
-    results_path = Path(args.results) if args.results else RESULTS / f"tune_{args.tag}.json"
+    # tune_<tag>.json, without doubling the prefix of a tag that already says it (the documented tune_rt_minilm)
+    name = args.tag if args.tag.startswith("tune") else f"tune_{args.tag}"
+    results_path = Path(args.results) if args.results else RESULTS / f"{name}.json"
     write_results(results_path, {
         "benchmark": "tune",
         "cell": cell, "arm": args.arm, "control": control,
