@@ -27,7 +27,7 @@ numbers to study_<that tag>.json. The final summary is study.summarise's, plus s
 against the control (paired test difference, seeds up, t-test, convergence).
 
 Writes benchmarks/results/tune_<tag>.json (<tag>.json when the tag starts with "tune"; common.write_results: meta
-block with the command).
+block with the command), and convergence_<that file's name>_final.png: the final pair's validation curves.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study
-from common import RESULTS, summarize, write_results
+from common import RESULTS, ROOT, summarize, write_results
 
 
 def parse_grid(items: list[str], side: str) -> dict[str, list[str]]:
@@ -214,6 +214,9 @@ def main(argv=None):
     # tune_<tag>.json, without doubling the prefix of a tag that already says it (the documented tune_rt_minilm)
     name = args.tag if args.tag.startswith("tune") else f"tune_{args.tag}"
     results_path = Path(args.results) if args.results else RESULTS / f"{name}.json"
+    # the two final configs' validation curves side by side (each final cell's own study.py run plots one arm)
+    plot_path = results_path.with_name(f"convergence_{results_path.stem}_final.png")
+    study.plot(done, plot_path)
     write_results(results_path, {
         "benchmark": "tune",
         "cell": cell, "arm": args.arm, "control": control,
@@ -225,7 +228,8 @@ def main(argv=None):
                    for arm, (_, cfgs) in sides.items()},
         "tuning": tuning,
         "chosen": {arm: c["config"] for arm, c in chosen.items()},
-        "final": {"commands": commands, "summary": study.summarise(done), "paired": {f"{args.arm} - {control}": paired}},
+        "final": {"commands": commands, "summary": study.summarise(done), "paired": {f"{args.arm} - {control}": paired},
+                  "plot": str(plot_path.relative_to(ROOT)) if plot_path.is_relative_to(ROOT) else str(plot_path)},
         "tune_runs": tune_runs, "final_runs": final_runs})
     for arm, cmd in commands.items():
         print(f"[tune] final {arm}: {cmd}")

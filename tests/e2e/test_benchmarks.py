@@ -5,6 +5,7 @@ the figures are what the scripts are for, not what a test can check on a shared 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 
 import pytest
@@ -253,6 +254,7 @@ def test_tune_smoke(tiny_bert_long, tmp_path, capsys):
     assert set(doc["final"]["summary"][0]["methods"]) == {"infoprompt", "prompt"}
     final = {r["method"]: r for r in doc["final_runs"]}
     assert all("test" in r for r in final.values())
+    assert doc["final"]["plot"] == str(tmp_path / "convergence_tune_smoke_final.png") and Path(doc["final"]["plot"]).stat().st_size > 0
 
     # each final cell is one study.py command: it reuses the runs and reports the same test numbers
     cmd = shlex.split(doc["final"]["commands"]["prompt"])
