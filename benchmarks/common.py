@@ -119,6 +119,11 @@ def matmul_peak(device=None, dtype=None, n: int = 2048, seconds: float = 2.0) ->
             "best_s": best, "flops_per_s": 2 * n ** 3 / best, "repetitions": reps}
 
 
+def repo_relative(path: Path) -> str:
+    """How a results file names another file: repo-relative inside the repo (portable), else as given."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def write_results(path: Path, payload: dict[str, Any], command: Optional[list[str]] = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

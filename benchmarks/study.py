@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MINILM, RESULTS, ROOT, summarize, write_results  # noqa: E402
+from common import MINILM, RESULTS, ROOT, repo_relative, summarize, write_results  # noqa: E402
 
 # Arm name -> train.py flags. An arm's name is its `method` in the results (older files: the method).
 ARMS: dict[str, dict[str, str]] = {
@@ -332,7 +332,7 @@ def main(argv=None):
                                                                     "methods", "max_steps", "eval_steps",
                                                                     "max_eval_samples", "set", "set_infoprompt")},
         "n_runs": len(runs), "n_finished": sum(r["status"] == "finished" for r in runs),
-        "wall_s_total": time.perf_counter() - t0, "plot": str(plot_path.relative_to(ROOT)) if plot_path.is_relative_to(ROOT) else str(plot_path),
+        "wall_s_total": time.perf_counter() - t0, "plot": repo_relative(plot_path),
         "summary": summarise(runs), "runs": runs})
     print(json.dumps(summarise(runs), indent=1, default=str)[:4000])
     print(f"[study] wrote {results_path}")

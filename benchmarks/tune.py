@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study
-from common import RESULTS, ROOT, summarize, write_results
+from common import RESULTS, repo_relative, summarize, write_results
 
 
 def parse_grid(items: list[str], side: str) -> dict[str, list[str]]:
@@ -229,7 +229,7 @@ def main(argv=None):
         "tuning": tuning,
         "chosen": {arm: c["config"] for arm, c in chosen.items()},
         "final": {"commands": commands, "summary": study.summarise(done), "paired": {f"{args.arm} - {control}": paired},
-                  "plot": str(plot_path.relative_to(ROOT)) if plot_path.is_relative_to(ROOT) else str(plot_path)},
+                  "plot": repo_relative(plot_path)},
         "tune_runs": tune_runs, "final_runs": final_runs})
     for arm, cmd in commands.items():
         print(f"[tune] final {arm}: {cmd}")

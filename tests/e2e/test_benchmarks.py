@@ -5,8 +5,8 @@ the figures are what the scripts are for, not what a test can check on a shared 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 
