@@ -171,24 +171,29 @@ def run_one(spec: dict, args, work: Path) -> dict:
         if args.jobs > 1:  # runs side by side share the cores: one team of threads each, not oversubscribed
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - t
+        wall = round(time.perf_counter() - t, 1)  # as the reused run reads it back
+        # Recorded per run: re-training with another thread count changes the float order, and single
+        # seeds moved by up to 0.055 that way (docs/benchmarks.md); "default" = torch's own choice.
+        threads = env.get("OMP_NUM_THREADS", "default")
         (work / "logs").mkdir(parents=True, exist_ok=True)
         (work / "logs" / f"{name}.log").write_text(res.stdout + res.stderr)
         if res.returncode != 0:
             print(f"[study] {name} FAILED rc={res.returncode}: {res.stderr.strip().splitlines()[-1:]} ", flush=True)
             return {**spec, "name": name, "status": "failed", "returncode": res.returncode, "command": cmd}
-    wall_file = work / "logs" / f"{name}.wall_s"
+    wall_file, threads_file = work / "logs" / f"{name}.wall_s", work / "logs" / f"{name}.threads"
     if wall is not None:
         wall_file.write_text(f"{wall:.1f}")
-    elif wall_file.exists():  # a reused run keeps the wall time it was measured with
-        wall = float(wall_file.read_text())
+        threads_file.write_text(threads)
+    else:  # a reused run keeps the wall time and thread count it was measured with (None: not recorded)
+        wall = float(wall_file.read_text()) if wall_file.exists() else None
+        threads = threads_file.read_text() if threads_file.exists() else None
     m = json.loads(metrics_file.read_text())
     metric = next((k.removeprefix("best_validation_") for k in m if k.startswith("best_validation_")), "accuracy")
     best = m.get(f"best_validation_{metric}")
     hist = eval_history(work / "runs" / "mlflow.db", m["mlflow_run_id"], f"eval/{metric}") \
         if m.get("mlflow_run_id") else [(0, best)]
-    return {**spec, "name": name, "status": "finished", "command": cmd, "wall_s": wall, "metric": metric,
-            f"best_validation_{metric}": best, "best_step": m.get("best_step"),
+    return {**spec, "name": name, "status": "finished", "command": cmd, "wall_s": wall, "threads": threads,
+            "metric": metric, f"best_validation_{metric}": best, "best_step": m.get("best_step"),
             "test": m["test"], "eval_history": hist, "mlflow_run_id": m.get("mlflow_run_id")}
 
 

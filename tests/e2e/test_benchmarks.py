@@ -117,6 +117,16 @@ def test_study_smoke(tiny_bert_long, tmp_path, capsys):
     zs = [r for r in doc["runs"] if r["method"] == "zeroshot"]
     assert all(r["best_step"] == 0 and "zero_shot.py" in " ".join(r["command"]) for r in zs)
     assert (out.parent / "convergence_smoke.png").is_file()
+    assert all(r["threads"] == "default" and r["wall_s"] > 0 for r in doc["runs"])  # --jobs 1: torch's own count
+    # the same command again reuses every finished run, keeping the wall time and thread count it was measured with
+    capsys.readouterr()
+    study.main(common + ["--seeds", "0,1", "--methods", "infoprompt,prompt,zeroshot", "--tag", "smoke",
+                         "--results", str(tmp_path / "study_again.json")])
+    again = json.loads((tmp_path / "study_again.json").read_text())
+    assert [(r["name"], r["wall_s"], r["threads"]) for r in again["runs"]] == \
+        [(r["name"], r["wall_s"], r["threads"]) for r in doc["runs"]]
+    printed = capsys.readouterr().out
+    assert not any(f"[study] {r['name']}" in printed for r in doc["runs"]), printed  # nothing was trained again
 
     # an ablation of InfoPrompt's loss weight, paired by seed with the base grid's prompt tuning run
     import ablation_table
