@@ -64,7 +64,9 @@ def init_values(how: str, n: int, embeddings: torch.Tensor, tokenizer, seed: int
     if how == "random":
         return torch.randn(n, emb.shape[1], generator=gen) * emb.std()
     pool = _ordinary_ids(tokenizer, emb.shape[0])
-    vocab_ids = pool[torch.randperm(len(pool), generator=gen)[:n]]
+    # Distinct rows; a vocabulary with fewer ordinary tokens than n (a small word-level one) repeats them
+    # in fresh permutations rather than leaving the prompt short. The first permutation is unchanged.
+    vocab_ids = pool[torch.cat([torch.randperm(len(pool), generator=gen) for _ in range(-(-n // len(pool)))])[:n]]
     if how == "vocab":
         ids = vocab_ids
     elif how == "text":

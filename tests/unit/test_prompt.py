@@ -25,6 +25,18 @@ def test_vocab_init_uses_seeded_ordinary_rows(tiny_bert):
     assert len(set(rows)) == 6 and not set(rows) & set(tok.all_special_ids)
 
 
+def test_vocab_init_longer_than_the_vocabulary(tiny_bert):
+    """More virtual tokens than ordinary tokens (a small word-level vocabulary): every row still filled."""
+    tok, emb = setup(tiny_bert)
+    n_ordinary = len(tok) - len(set(tok.all_special_ids))
+    v = init_values("vocab", n_ordinary + 3, emb, tok, seed=0)
+    assert v.shape == (n_ordinary + 3, 16)
+    rows = [int((emb == r).all(1).nonzero()[0]) for r in v]
+    assert len(set(rows[:n_ordinary])) == n_ordinary and not set(rows) & set(tok.all_special_ids)
+    assert torch.equal(v[:6], init_values("vocab", 6, emb, tok, seed=0))  # the same start as a short prompt
+    assert init_values("labels", n_ordinary + 3, emb, tok, seed=0, label_words=["bad", "good"]).shape[0] == n_ordinary + 3
+
+
 def test_text_and_labels_init(tiny_bert):
     tok, emb = setup(tiny_bert)
     ids = tok("good movie", add_special_tokens=False)["input_ids"]
