@@ -6,6 +6,7 @@ caller gathers it (see model.build_model), this module only does the arithmetic.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -66,7 +67,8 @@ def init_values(how: str, n: int, embeddings: torch.Tensor, tokenizer, seed: int
     pool = _ordinary_ids(tokenizer, emb.shape[0])
     # Distinct rows; a vocabulary with fewer ordinary tokens than n (a small word-level one) repeats them
     # in fresh permutations rather than leaving the prompt short. The first permutation is unchanged.
-    vocab_ids = pool[torch.cat([torch.randperm(len(pool), generator=gen) for _ in range(-(-n // len(pool)))])[:n]]
+    perms = [torch.randperm(len(pool), generator=gen) for _ in range(math.ceil(n / len(pool)))]
+    vocab_ids = pool[torch.cat(perms)[:n]]
     if how == "vocab":
         ids = vocab_ids
     elif how == "text":
