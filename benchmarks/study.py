@@ -62,6 +62,10 @@ ARMS: dict[str, dict[str, str]] = {
     "infoprompt_instance": {"method": "infoprompt", "prompt_type": "instance"},
     "prompt_random": {"method": "prompt", "prompt_init": "random"},
     "infoprompt_random": {"method": "infoprompt", "prompt_init": "random"},
+    # The read-out ablated (decoder/MLM backbones; readout=auto picks lm_label/cloze there): a linear head on the
+    # pooled state instead of the LM's own label-word rows, for both methods.
+    "prompt_linear": {"method": "prompt", "readout": "linear"},
+    "infoprompt_linear": {"method": "infoprompt", "readout": "linear"},
     # The frozen LM's own answer through the read-out (no prompt: method=probe), by zero_shot.py, never trained.
     "zeroshot": {"method": "probe"},
     # HF PEFT prompt tuning trained by the HF Trainer (peft_prompt.py; `method` is ignored there), vs `prompt`.
@@ -71,7 +75,8 @@ ARMS: dict[str, dict[str, str]] = {
 SCRIPTS = {"zeroshot": "benchmarks/zero_shot.py", "peft": "benchmarks/peft_prompt.py"}
 # The arm each arm is compared with, seed by seed (default: vanilla prompt tuning).
 CONTROL = {"infoprompt_vib": "prompt_vib", "infoprompt_instance": "prompt_instance",
-           "infoprompt_random": "prompt_random", "prompt": "zeroshot", "zeroshot": None}  # None: the floor
+           "infoprompt_random": "prompt_random", "infoprompt_linear": "prompt_linear",
+           "prompt": "zeroshot", "zeroshot": None}  # None: the floor
 
 R8_WORDS = "earn=earn,acq=acquisition,crude=oil,trade=trade,money-fx=currency,interest=interest,ship=ship,grain=grain"
 # One common word per newsgroup; first tokens differ under MiniLM's WordPiece and SmolLM2's BPE (check_tokenizer).

@@ -66,6 +66,20 @@ def test_newsgroups20_splits(tmp_path):
 
 
 
+
+def test_study_arms_are_valid_configs():
+    """Every study arm's flags make a valid TrainConfig (a typo in an arm fails here, not after a long grid), and
+    every control an arm names is an arm."""
+    import study
+    from infoprompt_ds.config import parse_config
+
+    for arm in study.ARMS:
+        cfg = parse_config([x for k, v in study.arm_flags(arm).items() for x in (f"--{k}", v)])
+        assert cfg.method == study.ARMS[arm]["method"], arm
+    assert parse_config(["--readout", "linear"]).readout == "linear"
+    for arm, control in study.CONTROL.items():
+        assert arm in study.ARMS and (control is None or control in study.ARMS), (arm, control)
+
 @pytest.mark.parametrize("flags, field", [
     (["--grid", "gamm=0.1,0.2"], "--grid"),  # not a TrainConfig field
     (["--grid", "gamma=0.1,abc"], "gamma"),  # a value that does not parse
