@@ -5,8 +5,11 @@
     python benchmarks/ablation_table.py --base rt_minilm --k 256 --seeds 0,1,2,3,4 --variants study_rt_minilm_noclamp.json
     python benchmarks/ablation_table.py --arms benchmarks/results/study_v2_rt_minilm_ablate.json
 
---arms: one study file whose arms (study.py ARMS) ran side by side; a row per arm against its own control
-(study.py CONTROL), from the file's `vs_control` summary.
+--arms: study file(s) (merged run by run); a row per arm against its own control (study.py CONTROL), paired by
+seed, plus any --pair ARM:CONTROL, e.g. the read-out ablation against the cell it ablates:
+
+    python benchmarks/ablation_table.py --arms benchmarks/results/study_v2_rt_smollm2_readout.json \
+        benchmarks/results/study_v2_rt_smollm2_lm_label.json --pair prompt:prompt_linear --pair infoprompt:infoprompt_linear
 
 Each ablation is a `study.py --tag ablate_<name>` run on the same cell (dataset, backbone, k) and seeds as
 the base grid. A row pairs the ablated InfoPrompt with vanilla prompt tuning *of the same seeds*: from the
@@ -55,31 +58,42 @@ def row(name: str, ip: dict[int, dict], pt: dict[int, dict], seeds: list[int], s
             f"{fmt(early(ip))} vs {fmt(early(pt))} | {steps} | {source} |")
 
 
-def arms_table(path: Path) -> list[str]:
-    """Each arm of one study file against its control (study.py CONTROL), as the file's summary pairs them."""
-    from study import ARMS, SCRIPTS
+def arms_table(paths: list[Path], pairs: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    """Each arm of the study files against its control (study.py CONTROL), and any extra (arm, control) `pairs`,
+    paired by seed. Several files are merged run by run (the first file's run wins where two hold the same
+    cell, arm and seed), so an arm can be paired with a control trained by another command, e.g. a read-out
+    ablation with the cell it ablates. Means are over the paired seeds."""
+    from study import ARMS, CONTROL, SCRIPTS, paired_vs
 
-    doc = json.loads(path.read_text())
-    lines = []
-    for cell in doc["summary"]:
-        methods = cell["methods"]
-        lines += [f"{cell['dataset']} / {cell['backbone']} / k={cell['k_shot']}", "",
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    cells: dict[tuple, dict[str, dict[int, dict]]] = {}
+    for doc in docs:
+        for r in doc["runs"]:
+            if r["status"] == "finished":
+                cells.setdefault((r["dataset"], r["backbone"], r["k"]), {}).setdefault(r["method"], {}).setdefault(r["seed"], r)
+    lines = [f"from {Path(p).name} (trained at {d['meta']['git']['commit'][:7]})" for p, d in zip(paths, docs)] + [""]
+    for (dataset, backbone, k), by in sorted(cells.items()):
+        lines += [f"{dataset} / {backbone} / k={k}", "",
                   "| arm | flags | seeds | test (mean ± std) | control | control test | paired diff (seeds up) | "
-                  "paired t-test p | reached the control's best validation |", "|---|---|---|---|---|---|---|---|---|"]
-        for pair, vs in cell["vs_control"].items():
-            arm, control = pair.split(" - ")
+                  "paired t-test p | best validation diff (p) | reached the control's best validation |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for arm, control in [(a, CONTROL.get(a, "prompt")) for a in sorted(by)] + list(pairs):
+            if control in (None, arm) or arm not in by or control not in by:
+                continue
+            vs = paired_vs(list(by[arm].values()), list(by[control].values()))
             if vs is None:
                 continue
-            metric = vs.get("metric", "accuracy")
-            mean_sd = lambda m: f"{methods[m][f'test_{metric}']['mean']:.3f} ± {methods[m][f'test_{metric}']['std']:.3f}"  # noqa: E731
+            metric, seeds = vs["metric"], vs["seeds"]
+            mean_sd = lambda m: fmt([by[m][s]["test"][metric] for s in seeds])  # noqa: E731
+            p = lambda key: f"{vs[key]['p']:.3f}" if key in vs else "-"  # noqa: E731
             reached = [s for s in vs["steps_to_control_best"] if s is not None]
             flags = " ".join(f"{k}={v}" for k, v in ARMS.get(arm, {}).items())
             if arm in SCRIPTS:  # e.g. peft: method=prompt alone would read as our own vanilla arm
                 flags = f"{Path(SCRIPTS[arm]).name} {flags}"
-            p = f"{vs['paired_t']['p']:.3f}" if "paired_t" in vs else "-"
-            lines.append(f"| {arm} | {flags} | {len(vs['seeds'])} | {mean_sd(arm)} | {control} | {mean_sd(control)} | "
-                         f"{vs['test_acc_diff']['mean']:+.3f} ± {vs['test_acc_diff']['std']:.3f} ({vs['up']}) | {p} | "
-                         f"{len(reached)}/{len(vs['seeds'])} |")
+            lines.append(f"| {arm} | {flags} | {len(seeds)} | {mean_sd(arm)} | {control} | {mean_sd(control)} | "
+                         f"{vs['test_acc_diff']['mean']:+.3f} ± {vs['test_acc_diff']['std']:.3f} ({vs['up']}) | "
+                         f"{p('paired_t')} | {vs['best_val_diff']['mean']:+.3f} ({p('best_val_paired_t')}) | "
+                         f"{len(reached)}/{len(seeds)} |")
         lines.append("")
     return lines
 
@@ -91,10 +105,19 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--results_dir", default=str(RESULTS))
     ap.add_argument("--variants", default="study_ablate_*.json", help="glob of the variants' results files")
-    ap.add_argument("--arms", default=None, help="one study results file: each arm against its control")
+    ap.add_argument("--arms", nargs="+", default=None,
+                    help="study results file(s), merged: each arm against its control (study.py CONTROL)")
+    ap.add_argument("--pair", action="append", default=[], metavar="ARM:CONTROL",
+                    help="with --arms: an extra comparison, e.g. infoprompt:infoprompt_linear (repeatable)")
     args = ap.parse_args(argv)
+    pairs = []
+    for pair in args.pair:
+        arm, sep, control = pair.partition(":")
+        if not (sep and arm and control):
+            ap.error(f"--pair: expected ARM:CONTROL, got {pair!r}")
+        pairs.append((arm, control))
     if args.arms:
-        print("\n".join(arms_table(Path(args.arms))))
+        print("\n".join(arms_table([Path(p) for p in args.arms], tuple(pairs))))
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     results = Path(args.results_dir)

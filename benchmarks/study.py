@@ -210,8 +210,8 @@ def arm_flags(arm: str) -> dict[str, str]:
 
 def paired_vs(arm: list[dict], control: list[dict]) -> Optional[dict]:
     """Per-seed differences of the task's test metric (arm - control; accuracy, entity_f1 for NER) on the
-    seeds both ran, the seeds that went up, a paired t-test, and convergence: the steps the arm needs to
-    reach the control's best validation value (None where it never does). `test_acc_diff` keeps its name
+    seeds both ran, the seeds that went up, a paired t-test, the same for the best validation value, and
+    convergence: the steps the arm needs to reach the control's best validation value (None where it never does). `test_acc_diff` keeps its name
     from the accuracy-only results files; `metric` says which metric it is."""
     a, c = {r["seed"]: r for r in arm}, {r["seed"]: r for r in control}
     seeds = sorted(set(a) & set(c))
@@ -225,11 +225,15 @@ def paired_vs(arm: list[dict], control: list[dict]) -> Optional[dict]:
            "steps_to_control_best": reach,
            "control_steps_to_own_best": [steps_to_reach(c[s]["eval_history"], best_validation(c[s]))
                                          for s in seeds]}
-    if len(seeds) > 1 and any(d != diff[0] for d in diff):
-        from scipy.stats import ttest_rel
+    # the best validation value too: where validation and test disagree (e.g. a noisier curve's higher maximum)
+    val = [best_validation(a[s]) - best_validation(c[s]) for s in seeds]
+    out["best_val_diff"] = summarize(val)
+    from scipy.stats import ttest_rel
 
-        t = ttest_rel([a[s]["test"][metric] for s in seeds], [c[s]["test"][metric] for s in seeds])
-        out["paired_t"] = {"t": float(t.statistic), "p": float(t.pvalue)}
+    for key, d, value in (("paired_t", diff, lambda r: r["test"][metric]), ("best_val_paired_t", val, best_validation)):
+        if len(seeds) > 1 and any(x != d[0] for x in d):  # a t-test of identical differences is undefined
+            t = ttest_rel([value(a[s]) for s in seeds], [value(c[s]) for s in seeds])
+            out[key] = {"t": float(t.statistic), "p": float(t.pvalue)}
     return out
 
 

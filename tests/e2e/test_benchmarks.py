@@ -5,6 +5,7 @@ the figures are what the scripts are for, not what a test can check on a shared 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -147,6 +148,21 @@ def test_study_smoke(tiny_bert_long, tmp_path, capsys):
     assert rows["infoprompt"][2] == "2" and rows["infoprompt"][1] == "method=infoprompt"
     diff = vs["infoprompt - prompt"]["test_acc_diff"]["mean"]
     assert rows["infoprompt"][6].startswith(f"{diff:+.3f}")
+    val = vs["infoprompt - prompt"]["best_val_diff"]["mean"]
+    best = {(r["method"], r["seed"]): r["best_validation_accuracy"] for r in doc["runs"]}
+    assert val == pytest.approx(statistics.mean(best["infoprompt", s] - best["prompt", s] for s in (0, 1)))
+    assert rows["infoprompt"][8].startswith(f"{val:+.3f}")
+    # the arm and its control trained by two commands (two files), merged run by run: the same row; --pair adds one
+    split = {}
+    for name, keep in (("arm", {"infoprompt"}), ("control", {"prompt", "zeroshot"})):
+        split[name] = tmp_path / f"study_{name}.json"
+        split[name].write_text(json.dumps({**doc, "runs": [r for r in doc["runs"] if r["method"] in keep]}))
+    ablation_table.main(["--arms", str(split["arm"]), str(split["control"]), "--pair", "prompt:infoprompt"])
+    merged = {(r.split("|")[1].strip(), r.split("|")[5].strip()): r for r in capsys.readouterr().out.splitlines()
+              if r.startswith("| ") and not r.startswith("| arm")}
+    single = [r for r in ablation_table.arms_table([out]) if r.startswith("| infoprompt |")]
+    assert merged[("infoprompt", "prompt")] == single[0]
+    assert float(merged[("prompt", "infoprompt")].split("|")[7].split()[0]) == pytest.approx(-diff, abs=6e-4)
 
 
 
@@ -192,7 +208,7 @@ def test_study_peft_arm_smoke(tiny_bert_long, tiny_llama_lm, tmp_path):
             cell["methods"]["peft"]["test_accuracy"]["mean"] - cell["methods"]["prompt"]["test_accuracy"]["mean"])
     import ablation_table
 
-    peft_rows = [r for r in ablation_table.arms_table(out) if r.startswith("| peft |")]
+    peft_rows = [r for r in ablation_table.arms_table([out]) if r.startswith("| peft |")]
     assert len(peft_rows) == 2 and all("| peft_prompt.py method=prompt |" in r for r in peft_rows), peft_rows
 
 
