@@ -65,13 +65,14 @@ def arms_table(paths: list[Path], pairs: tuple[tuple[str, str], ...] = ()) -> li
     ablation with the cell it ablates. Means are over the paired seeds."""
     from study import ARMS, CONTROL, SCRIPTS, paired_vs
 
-    docs = [json.loads(Path(p).read_text()) for p in paths]
+    docs = [json.loads(p.read_text()) for p in paths]
     cells: dict[tuple, dict[str, dict[int, dict]]] = {}
     for doc in docs:
         for r in doc["runs"]:
             if r["status"] == "finished":
-                cells.setdefault((r["dataset"], r["backbone"], r["k"]), {}).setdefault(r["method"], {}).setdefault(r["seed"], r)
-    lines = [f"from {Path(p).name} (trained at {d['meta']['git']['commit'][:7]})" for p, d in zip(paths, docs)] + [""]
+                arm = cells.setdefault((r["dataset"], r["backbone"], r["k"]), {}).setdefault(r["method"], {})
+                arm.setdefault(r["seed"], r)  # the first file's run wins
+    lines = [f"from {p.name} (trained at {d['meta']['git']['commit'][:7]})" for p, d in zip(paths, docs)] + [""]
     for (dataset, backbone, k), by in sorted(cells.items()):
         lines += [f"{dataset} / {backbone} / k={k}", "",
                   "| arm | flags | seeds | test (mean ± std) | control | control test | paired diff (seeds up) | "

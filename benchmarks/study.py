@@ -211,8 +211,8 @@ def arm_flags(arm: str) -> dict[str, str]:
 def paired_vs(arm: list[dict], control: list[dict]) -> Optional[dict]:
     """Per-seed differences of the task's test metric (arm - control; accuracy, entity_f1 for NER) on the
     seeds both ran, the seeds that went up, a paired t-test, the same for the best validation value, and
-    convergence: the steps the arm needs to reach the control's best validation value (None where it never does). `test_acc_diff` keeps its name
-    from the accuracy-only results files; `metric` says which metric it is."""
+    convergence: the steps the arm needs to reach the control's best validation value (None where it never
+    does). `test_acc_diff` keeps its name from the accuracy-only results files; `metric` says which metric it is."""
     a, c = {r["seed"]: r for r in arm}, {r["seed"]: r for r in control}
     seeds = sorted(set(a) & set(c))
     if not seeds:
