@@ -45,9 +45,10 @@ def peft_worker(args) -> None:
                               TrainerCallback, TrainingArguments)
 
     from infoprompt_ds.config import TrainConfig
-    from infoprompt_ds.data import prepare_data
+    from infoprompt_ds.data.load import prepare_data
     from infoprompt_ds.internals import full_numel
-    from infoprompt_ds.model import load_tokenizer, resolve_model_path
+    from infoprompt_ds.method.model import load_tokenizer
+    from infoprompt_ds.backbone import resolve_model_path
 
     cfg = TrainConfig(model_name_or_path=args.model, method="prompt", n_virtual_tokens=args.n_virtual,
                       per_device_train_batch_size=args.batch, max_length=args.max_length,

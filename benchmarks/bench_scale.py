@@ -144,7 +144,7 @@ def step_times(out: Path, run_id: str, global_batch: int) -> list[float]:
     """Seconds per optimizer step from the run's own train/samples_per_s (logged every step)."""
     from mlflow.tracking import MlflowClient
 
-    from infoprompt_ds.tracking_store import default_store
+    from infoprompt_ds.tracking.store import default_store
 
     client = MlflowClient(tracking_uri=default_store(out).uri)  # where the run logged (its output_dir)
     hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/samples_per_s"))

@@ -8,7 +8,7 @@ the measured matmul peak, and scaling (ranks, sequence length, prompt length).
 
 How it measures. Each cell (model, ranks, ZeRO stage) is one worker process (`python`, or `torchrun
 --nproc_per_node 2` for 2 ranks) that builds the real model with the project's own code
-(infoprompt_ds.model.build_model, DeepSpeed engine from the filled ds_configs/zero{2,3}.json) for every
+(infoprompt_ds.method.model.build_model, DeepSpeed engine from the filled ds_configs/zero{2,3}.json) for every
 variant, then times the product's own `train_loop.train_step` (noise, forward with labels, the ranks' finiteness
 agreement, engine.backward, engine.step, loss.item()) on one fixed batch (random token ids, no padding: B x L real tokens), with the
 variants INTERLEAVED: block of steps of A, of B, of C, then again in a rotated order, --reps times. So
@@ -91,15 +91,17 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from infoprompt_ds.config import TrainConfig, config_from_env_rank
-    from infoprompt_ds.ds_config import fill_ds_config, load_ds_config
-    from infoprompt_ds.distributed import backbone_shard_report, retrace_zero3
+    from infoprompt_ds.config import TrainConfig
+    from infoprompt_ds.config_load import config_from_env_rank
+    from infoprompt_ds.runtime.ds_config import fill_ds_config, load_ds_config
+    from infoprompt_ds.runtime.distributed import backbone_shard_report, retrace_zero3
     from infoprompt_ds.internals import full_numel
-    from infoprompt_ds.data import resolve_task
-    from infoprompt_ds import readout as readouts
-    from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
-    from infoprompt_ds.method import Diagnostics
-    from infoprompt_ds.train_loop import Run, train_step
+    from infoprompt_ds.data.load import resolve_task
+    from infoprompt_ds.data import readout as readouts
+    from infoprompt_ds.method.model import build_model, load_model_config, load_tokenizer
+    from infoprompt_ds.method.loss import Diagnostics
+    from infoprompt_ds.runtime.setup import Run
+    from infoprompt_ds.runtime.train_loop import train_step
 
     rank, local_rank, world = config_from_env_rank()
     on_gpu = torch.cuda.is_available() and not args.cpu
@@ -339,7 +341,7 @@ def random_mlm(cache: Path, like: str) -> str:
     import torch
     from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM
 
-    from infoprompt_ds.model import resolve_model_path
+    from infoprompt_ds.backbone import resolve_model_path
 
     like = resolve_model_path(like)  # the packaged MiniLM folder for its hub name
     cfg = AutoConfig.from_pretrained(like)

@@ -9,7 +9,7 @@ fields are accepted and ignored) and writes the metrics.json keys train.py write
 study runs).
 
 What is the same as our `prompt` arm:
-  - data: infoprompt_ds.data.prepare_data (same splits, k-shot sample, max_eval_samples subsets, and the
+  - data: infoprompt_ds.data.load.prepare_data (same splits, k-shot sample, max_eval_samples subsets, and the
     same token ids: for readout=lm_label the input followed by the cue);
   - the DeepSpeed json (cfg.deepspeed, default zero3), passed as TrainingArguments(deepspeed=...): the HF
     Trainer fills its "auto" values (batch, clipping, AdamW lr/betas/eps/weight decay, WarmupDecayLR with
@@ -51,7 +51,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from infoprompt_ds.config import ConfigError, TrainConfig, parse_config  # noqa: E402
+from infoprompt_ds.config import ConfigError, TrainConfig
+from infoprompt_ds.config_load import parse_config  # noqa: E402
 from infoprompt_ds.errors import exit_on_config_error  # noqa: E402
 
 # our prompt_init -> PEFT's PromptTuningInit (see the docstring for how close each one is)
@@ -114,19 +115,20 @@ def run(cfg: TrainConfig) -> dict:
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, DataCollatorForSeq2Seq,
                               DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed)
 
-    from infoprompt_ds.data import prepare_data
-    from infoprompt_ds.distributed import gather_trainable, set_trainable
-    from infoprompt_ds.ds_config import fill_ds_config, load_ds_config, resolve_ds_config
+    from infoprompt_ds.data.load import prepare_data
+    from infoprompt_ds.runtime.distributed import gather_trainable, set_trainable
+    from infoprompt_ds.runtime.ds_config import fill_ds_config, load_ds_config, resolve_ds_config
     from infoprompt_ds.internals import full_numel
     from infoprompt_ds.io import write_json_atomic
     from infoprompt_ds.metrics import check_metric, compute_metrics
-    from infoprompt_ds.model import load_model_config, load_tokenizer, resolve_model_path
-    from infoprompt_ds.prepare import plan_steps
-    from infoprompt_ds.process_group import unlink_deepspeed_shm
-    from infoprompt_ds.readout import first_token
-    from infoprompt_ds.run_metadata import run_name_for, run_tags
-    from infoprompt_ds.tracking import Tracker
-    from infoprompt_ds.tracking_store import check_tracking
+    from infoprompt_ds.method.model import load_model_config, load_tokenizer
+    from infoprompt_ds.backbone import resolve_model_path
+    from infoprompt_ds.runtime.prepare import plan_steps
+    from infoprompt_ds.runtime.process_group import unlink_deepspeed_shm
+    from infoprompt_ds.data.readout import first_token
+    from infoprompt_ds.tracking.run_metadata import run_name_for, run_tags
+    from infoprompt_ds.tracking.client import Tracker
+    from infoprompt_ds.tracking.store import check_tracking
 
     # --- checks and data: everything before a weight loads (bad input: one line, exit 2) ---------------
     check(cfg)

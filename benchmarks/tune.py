@@ -48,7 +48,8 @@ from common import RESULTS, repo_relative, summarize, write_results
 
 def parse_grid(items: list[str], side: str) -> dict[str, list[str]]:
     """`key=v1,v2` flags -> {key: [v1, v2]}, keys checked against TrainConfig's fields, values parsed."""
-    from infoprompt_ds.config import ConfigError, TrainConfig, _convert
+    from infoprompt_ds.config import ConfigError, TrainConfig
+    from infoprompt_ds.config_load import _convert
 
     names = {f.name for f in fields(TrainConfig)}
     grid: dict[str, list[str]] = {}
@@ -78,7 +79,8 @@ def configs(grid: dict[str, list[str]], max_configs: int, seed: int) -> list[dic
 def check_config(arm: str, config: dict[str, str], fixed: list[str]) -> None:
     """The full TrainConfig check of the arm's flags + the config (e.g. gamma for method=prompt is an error),
     before any training; a grid key the arm or --set already fixes would be silently overridden."""
-    from infoprompt_ds.config import ConfigError, TrainConfig, _convert
+    from infoprompt_ds.config import ConfigError, TrainConfig
+    from infoprompt_ds.config_load import _convert
 
     arm_flags = study.arm_flags(arm)
     for key in config:

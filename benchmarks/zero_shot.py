@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from infoprompt_ds.config import parse_config  # noqa: E402
+from infoprompt_ds.config_load import parse_config  # noqa: E402
 from infoprompt_ds.io import write_json_atomic  # noqa: E402
-from infoprompt_ds.train_loop import setup, unprompted_pass, validate  # noqa: E402
+from infoprompt_ds.runtime.setup import setup
+from infoprompt_ds.runtime.train_loop import unprompted_pass, validate  # noqa: E402
 
 
 def main(argv=None) -> dict:

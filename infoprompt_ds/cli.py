@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import sys
 
-from .errors import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged, exit_on_config_error, fail
+from infoprompt_ds.errors import (EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged, exit_on_config_error, fail)
 
 
 def train_main(argv=None) -> None:
-    from .config import ConfigError, parse_config
-    from .env import setup_environment
+    from infoprompt_ds.config import ConfigError
+    from infoprompt_ds.config_load import parse_config
+    from infoprompt_ds.env import setup_environment
 
     cfg = exit_on_config_error(parse_config, sys.argv[1:] if argv is None else argv, rank0_only=True)
     setup_environment()  # before train_loop imports torch and DeepSpeed
-    from . import train_loop
+    from infoprompt_ds.runtime import train_loop
 
     try:
         train_loop.run(cfg)
@@ -44,7 +45,7 @@ def train_main(argv=None) -> None:
 
 def predict_main(argv=None) -> None:
     def go():
-        from .predict import main
+        from infoprompt_ds.predict import main
 
         main(sys.argv[1:] if argv is None else argv)
 
@@ -52,19 +53,19 @@ def predict_main(argv=None) -> None:
 
 
 def _sweep(argv):
-    from .sweep import main
+    from infoprompt_ds.compare.sweep import main
 
     main(argv)
 
 
 def _compare(argv):
-    from .compare import main
+    from infoprompt_ds.compare.cli import main
 
     main(argv)
 
 
 def _mlflow(argv):
-    from .tracking import main
+    from infoprompt_ds.tracking.client import main
 
     main(argv)
 

@@ -7,14 +7,12 @@ loads. The DeepSpeed json (shipped configs, "auto" values, checks) is ds_config.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout (sweep.py); an installed package never needs it
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -344,131 +342,4 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]):
 
 # --- loading from file + command line ---------------------------------------------------------------
 
-_HINTS = get_type_hints(TrainConfig)
 
-
-def _base_type(tp):
-    """Optional[X] -> X."""
-    if get_origin(tp) is not None and type(None) in get_args(tp):
-        return next(a for a in get_args(tp) if a is not type(None))
-    return tp
-
-
-def _convert(name: str, value: Any) -> Any:
-    """Turn a CLI string (or a YAML value) into the field's type, or raise a ConfigError naming the field."""
-    tp = _HINTS[name]
-    optional = get_origin(tp) is not None and type(None) in get_args(tp)
-    base = _base_type(tp)
-    if isinstance(value, str) and optional and value.lower() in ("none", "null", ""):
-        return None
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(name, "may not be empty")
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-        if get_origin(base) is list:
-            if isinstance(value, str):
-                try:  # a JSON list, or plain comma-separated values (which may themselves start with "[")
-                    parsed = json.loads(value)
-                except json.JSONDecodeError:
-                    parsed = None
-                value = parsed if isinstance(parsed, list) else [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list):
-                raise ValueError
-            return [str(v) for v in value]
-        if get_origin(base) is dict:
-            if isinstance(value, str):
-                if value.startswith("{"):
-                    value = json.loads(value)
-                else:
-                    value = dict(kv.split("=", 1) for kv in value.split(",") if kv.strip())
-            if not isinstance(value, dict):
-                raise ValueError
-            return {str(k).strip(): str(v).strip() for k, v in value.items()}
-    except (ValueError, TypeError, json.JSONDecodeError):
-        pass
-    shown = str(base).replace("typing.", "")
-    raise ConfigError(name, f"expected {getattr(base, '__name__', shown)}, got {value!r}")
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("config", f"file not found: {path}")
-    from .strict_load import LOADERS
-
-    if p.suffix.lower() not in LOADERS:
-        raise ConfigError("config", f"{path}: unknown format {p.suffix or '(no suffix)'}; use .yaml, .yml, .json or .toml")
-    try:
-        data = LOADERS[p.suffix.lower()](p.read_text(encoding="utf-8"))
-    except Exception as e:  # yaml/json/unicode errors all mean the same thing to the user
-        raise ConfigError("config", f"{path} is not valid {p.suffix.lstrip('.') or 'JSON'}: {str(e).splitlines()[0]}")
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError("config", f"{path} must hold a mapping of field: value")
-    return data
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + exits; we want our one-line error instead
-        raise ConfigError("arguments", message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Train an InfoPrompt soft prompt on a frozen, ZeRO-3-sharded backbone.", allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help=(
-        "YAML/JSON/TOML file of field: value, flat or nested under the section names below "
-        "(data, method, optimization, evaluation, tracking, launcher); command-line flags override it."))
-    helps = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
-    for section, names in section_fields().items():
-        group = parser.add_argument_group(section)
-        for name in names:
-            group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, help=helps[name])
-    return parser
-
-
-def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
-    """CLI → TrainConfig. Order of precedence: defaults < --config file < flags."""
-    args, unknown = build_parser().parse_known_args(argv)
-    if unknown:
-        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        raise ConfigError(flag.lstrip("-").split("=")[0], f"unknown option {flag!r}; see --help for the fields")
-    values: dict[str, Any] = {}
-    cli = vars(args)
-    if cli.get("config"):
-        path = cli.pop("config")
-        for key, value in flatten_sections(load_config_file(path), path).items():
-            if key not in _HINTS:
-                raise ConfigError(key, "unknown config key; see --help for the fields")
-            values[key] = _convert(key, value)  # a bad value in the file is an error even if a flag overrides it
-    cli.pop("config", None)
-    values.update(cli)
-    return TrainConfig(**{k: _convert(k, v) for k, v in values.items()})
-
-
-def config_from_env_rank() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the launcher's environment; single process when unset."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))

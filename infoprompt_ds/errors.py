@@ -11,7 +11,7 @@ import os
 import sys
 from typing import NoReturn
 
-from .config import ConfigError
+from infoprompt_ds.config import ConfigError
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3

@@ -18,11 +18,11 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import load_export
-from .config import ConfigError, TrainConfig
-from .data import encode
-from .model import InfoPromptModel, load_backbone, load_model_config, load_tokenizer, model_inputs
-from .readout import Readout
+from infoprompt_ds.runtime.checkpoint import load_export
+from infoprompt_ds.config import ConfigError, TrainConfig
+from infoprompt_ds.data.load import encode
+from infoprompt_ds.method.model import InfoPromptModel, load_backbone, load_model_config, load_tokenizer, model_inputs
+from infoprompt_ds.data.readout import Readout
 
 
 class Predictor:
@@ -170,6 +170,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    from .errors import exit_on_config_error
+    from infoprompt_ds.errors import exit_on_config_error
 
     exit_on_config_error(main)

@@ -22,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from infoprompt_ds.config import ConfigError, build_parser, load_config_file, parse_config  # noqa: E402
+from infoprompt_ds.config import ConfigError
+from infoprompt_ds.config_load import build_parser, load_config_file, parse_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -41,11 +42,11 @@ def main(argv: list[str]) -> int:
     out = Path(cfg.output_dir) if given else Path("outputs") / job_tag
     out = out.resolve()
     try:
-        from infoprompt_ds.tracking_store import default_tracking_uri
+        from infoprompt_ds.tracking.store import default_tracking_uri
 
         uri = default_tracking_uri(str(out))[0]
     except Exception:  # the URI is only shown to the user; never fail a job over it
-        uri = "(see infoprompt_ds/tracking_store.py)"
+        uri = "(see infoprompt_ds/tracking/store.py)"
     print(out)
     print("given" if given else "default")
     print(uri)

@@ -21,7 +21,7 @@
 #
 # Environment knobs (sbatch exports the submitting shell's environment):
 #   MLFLOW_TRACKING_URI  where the run logs (must be reachable from the compute nodes); default: a sqlite
-#                        file inside output_dir (infoprompt_ds/tracking_store.py: default_store)
+#                        file inside output_dir (infoprompt_ds/tracking/store.py: default_store)
 #   MAX_RESTARTS=10      requeues allowed before the job is left failed
 #   RESUME=requeue       requeue: resume only in a requeued job; auto: also on a fresh submission when
 #                        output_dir holds a checkpoint; never

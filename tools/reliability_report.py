@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     if mlflow:
         r = mlflow[0]
         md += [f"`mlflow server`/`mlflow ui` commands in README.md and docs/: {r['commands_checked']} checked; "
-               "`infoprompt_ds.tracking_store.LocalServer` and docs/tracking.md bind to 127.0.0.1 (mlflow's own default "
+               "`infoprompt_ds.tracking.store.LocalServer` and docs/tracking.md bind to 127.0.0.1 (mlflow's own default "
                "when `--host` is absent is 127.0.0.1 too). Explicit opt-ins to another interface: "
                + ("; ".join(f"`{c}`" for c in r["explicit_non_local"]) or "none") + ".", ""]
     md += ["## Adversarial cases (issue 15)", "",
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
            "exact). A non-finite gradient norm makes DeepSpeed skip the update itself (ZeRO-3 all dtypes; ZeRO-1/2 "
            "fp32, or bf16 with `check_grad_overflow`); the loop counts those steps too (not under fp16, whose loss "
            "scaler skips overflow steps routinely). A finite loss above 10^4 times the first one (or 10^4 when "
-           "that was below 1) has exploded and counts the same (`infoprompt_ds/loss_guard.py`). "
+           "that was below 1) has exploded and counts the same (`infoprompt_ds/runtime/loss_guard.py`). "
            "`train/nonfinite_steps` is logged; only an applied update ends "
            "a streak; no checkpoint is saved during a streak; `max_nonfinite_steps` (default 5) in a row end the "
            "run with exit code **3** and one line naming the last good checkpoint (the newest one saved before "

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from infoprompt_ds.compare import Options, compare
-from infoprompt_ds.tracking_store import LocalServer
+from infoprompt_ds.compare.cli import Options, compare
+from infoprompt_ds.tracking.store import LocalServer
 
 
 EXPERIMENT = "synthetic"
@@ -193,7 +193,7 @@ def test_compare_finds_a_sweep_store_by_name_or_folder_with_no_other_flag(tmp_pa
 
     from mlflow import MlflowClient
 
-    from infoprompt_ds.tracking_store import default_store
+    from infoprompt_ds.tracking.store import default_store
 
     root = tmp_path / "outputs" / "sweeps" / "tiny"
     root.mkdir(parents=True)

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli
-from infoprompt_ds.config import TrainConfig, parse_config
+from infoprompt_ds.config import TrainConfig
+from infoprompt_ds.config_load import parse_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FIELDS = set(TrainConfig.__dataclass_fields__)

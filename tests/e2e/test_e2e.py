@@ -182,7 +182,7 @@ def test_graceful_stop_saves_and_resumes(tmp_path, tiny_bert, sentiment_files):
 
 
 def test_default_ds_config_path_and_shipped_configs_are_valid():
-    from infoprompt_ds.ds_config import load_ds_config
+    from infoprompt_ds.runtime.ds_config import load_ds_config
 
     for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
         assert load_ds_config(str(ROOT / "ds_configs" / name))

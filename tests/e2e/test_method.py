@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_args
-from infoprompt_ds import mi
+from infoprompt_ds.method import mi
 from infoprompt_ds.config import TrainConfig
-from infoprompt_ds.data import resolve_task
-from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
+from infoprompt_ds.data.load import resolve_task
+from infoprompt_ds.method.model import build_model, load_model_config, load_tokenizer
 
 
 def make(path, **over):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, assert_terms_pass_gradient_within_bounds, run_cli, tiny_args
-from infoprompt_ds import gguf_cache
+from infoprompt_ds import backbone as gguf_cache
 
 
 @pytest.mark.parametrize("fixture, readout", [("tiny_llama_lm", "lm_label"), ("tiny_bert_mlm", "cloze")])
@@ -70,8 +70,8 @@ def test_smollm2_lm_label_step0_terms_pass_gradient_for_every_example(smol_cache
     """In process, on the real backbone: auto picks lm_label, and at step 0 both normalized terms pass
     gradient for every example and lie within their bounds."""
     from infoprompt_ds.config import TrainConfig
-    from infoprompt_ds.data import encode, resolve_readout, resolve_task
-    from infoprompt_ds.model import build_model, load_model_config, load_tokenizer, model_inputs
+    from infoprompt_ds.data.load import encode, resolve_readout, resolve_task
+    from infoprompt_ds.method.model import build_model, load_model_config, load_tokenizer, model_inputs
 
     cfg = TrainConfig(model_name_or_path=str(smol_cache), n_virtual_tokens=4, max_length=24, task_type="classification",
                       label_words={"neg": "bad", "pos": "good"}, vib_head=True)

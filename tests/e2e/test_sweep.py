@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, tiny_args
-from infoprompt_ds.tracking_store import LocalServer
+from infoprompt_ds.tracking.store import LocalServer
 
 EXPERIMENT = "sweep-e2e"
 
@@ -52,7 +52,7 @@ def children(client, status=None):
 def test_bad_sweep_file_fails_in_one_line(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump({"grid": {"method": ["infoprompt", "nope"]}}))
-    r = run_module("infoprompt_ds.sweep", ["--config", str(cfg), "--dry_run"], timeout=120)
+    r = run_module("infoprompt_ds.compare.sweep", ["--config", str(cfg), "--dry_run"], timeout=120)
     assert r.returncode == 2, r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("error: method: must be one of infoprompt, prompt") and line.endswith("got 'nope'")
@@ -63,7 +63,7 @@ def test_sweep_compare_and_rerun(server, tiny_bert, sentiment_files, tmp_path):
     from mlflow import MlflowClient
 
     cfg = write_sweep(tmp_path / "sweep.yaml", tiny_bert, sentiment_files, tmp_path / "runs", server.uri)
-    r = run_module("infoprompt_ds.sweep", ["--config", cfg])
+    r = run_module("infoprompt_ds.compare.sweep", ["--config", cfg])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # The end-of-sweep table shows each run's scores and method-first name, then the exact next command.
     rows = [line for line in r.stdout.splitlines() if line.startswith("FINISHED")]
@@ -98,7 +98,7 @@ def test_sweep_compare_and_rerun(server, tiny_bert, sentiment_files, tmp_path):
     victim = next(x for x in runs if x.data.tags["grid.method"] == "prompt" and x.data.tags["grid.seed"] == "2")
     client.set_terminated(victim.info.run_id, status="FAILED")
     shutil.rmtree(tmp_path / "runs" / "method=prompt__seed=2" / "checkpoints")
-    r = run_module("infoprompt_ds.sweep", ["--config", cfg])
+    r = run_module("infoprompt_ds.compare.sweep", ["--config", cfg])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count(" skip ") == 3 and r.stdout.count(" run  ") == 1, r.stdout
     assert "run  method=prompt,seed=2" in r.stdout

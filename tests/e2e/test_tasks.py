@@ -7,7 +7,7 @@ import random
 import pytest
 
 from conftest import FILLER, ROOT, run_cli, tiny_args
-from infoprompt_ds.checkpoint import EXPORT_CONFIG
+from infoprompt_ds.runtime.checkpoint import EXPORT_CONFIG
 from infoprompt_ds.env import free_port
 
 

@@ -14,9 +14,9 @@ import pytest
 
 from conftest import ROOT, tiny_args
 from infoprompt_ds.env import free_port
-from infoprompt_ds.tracking import Tracker
-from infoprompt_ds.tracking_outbox import PENDING_FILE
-from infoprompt_ds.tracking_store import LocalServer
+from infoprompt_ds.tracking.client import Tracker
+from infoprompt_ds.tracking.outbox import PENDING_FILE
+from infoprompt_ds.tracking.store import LocalServer
 
 
 @pytest.fixture(scope="module")

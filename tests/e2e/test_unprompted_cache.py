@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from conftest import ROOT, build_in_process, run_cli, tiny_args
-from infoprompt_ds import unprompted_cache as uc
-from infoprompt_ds.config import parse_config
+from infoprompt_ds.runtime import unprompted_cache as uc
+from infoprompt_ds.config_load import parse_config
 
 
 HITS = re.compile(r"\[cache\] z\(x, no prompt\): (\d+)/(\d+) hits from (\S+)")
 
 
 def _train_split(model_dir, files, out, **over):
-    from infoprompt_ds.data import prepare_data
-    from infoprompt_ds.model import load_tokenizer
+    from infoprompt_ds.data.load import prepare_data
+    from infoprompt_ds.method.model import load_tokenizer
 
     cfg = parse_config(tiny_args(model_dir, files, out, **over))
     return prepare_data(cfg, load_tokenizer(cfg)).splits["train"]

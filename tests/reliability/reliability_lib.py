@@ -114,7 +114,7 @@ def prepare_in_process(argv: list[str], env: dict | None = None) -> tuple[object
     import io
 
     from infoprompt_ds import cli
-    from infoprompt_ds import train_loop as tl
+    from infoprompt_ds.runtime import train_loop as tl
 
     def first_half(cfg):
         tl.setup_environment()

@@ -33,7 +33,7 @@ def install_kill_point(point: str, target: int) -> None:
     import torch
     from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine as tce
 
-    from infoprompt_ds import checkpoint as ck
+    from infoprompt_ds.runtime import checkpoint as ck
 
     in_target = lambda path: f"step{target}" in str(path)  # noqa: E731
     if point in ("torn_shard", "between_shards"):
@@ -136,7 +136,7 @@ def run_child(args, point=None, target=0) -> int:
 
 def snapshot(out: Path) -> dict:
     """Plain file-system facts (no torch in the parent): what `latest` resolves to, what is complete."""
-    from infoprompt_ds.checkpoint import checkpoint_root, is_complete, resolve_checkpoint
+    from infoprompt_ds.runtime.checkpoint import checkpoint_root, is_complete, resolve_checkpoint
 
     root = checkpoint_root(str(out))
     dirs = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
@@ -161,7 +161,11 @@ def main(spec: dict) -> dict:
     import mlflow  # noqa: F401
     import transformers  # noqa: F401
 
-    from infoprompt_ds import checkpoint, data, model, tracking, train_loop  # noqa: F401
+    from infoprompt_ds.runtime import checkpoint  # noqa: F401
+    from infoprompt_ds.data import load as data  # noqa: F401
+    from infoprompt_ds.method import model  # noqa: F401
+    from infoprompt_ds.tracking import client as tracking  # noqa: F401
+    from infoprompt_ds.runtime import train_loop  # noqa: F401
 
     rng = random.Random(spec["seed"])
     base, max_steps = spec["args"], spec["max_steps"]

@@ -75,7 +75,7 @@ def fresh(base) -> Path:
 # --- 1. flags ----------------------------------------------------------------------------------------
 
 def _fields():
-    from infoprompt_ds.config import _HINTS, _base_type
+    from infoprompt_ds.config_load import _HINTS, _base_type
 
     return {name: _base_type(tp) for name, tp in _HINTS.items()}
 

@@ -95,7 +95,7 @@ def test_sigint_and_sighup_save_and_exit_75(sig, tiny_bert, sentiment_files, tmp
     text = log.read_text()
     assert rc == 75, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
-    from infoprompt_ds.checkpoint import resolve_checkpoint
+    from infoprompt_ds.runtime.checkpoint import resolve_checkpoint
 
     assert resolve_checkpoint("latest", str(out)).is_dir()
     record("stops", case=signal.Signals(sig).name, tried=1, clean=1)

@@ -37,7 +37,7 @@ def diverged(tmp_path_factory, tiny_bert, sentiment_files):
 
 def test_nonfinite_loss_is_skipped_counted_and_stops_the_run(diverged):
     out, _, proc = diverged
-    from infoprompt_ds.checkpoint import MARKER, resolve_checkpoint
+    from infoprompt_ds.runtime.checkpoint import MARKER, resolve_checkpoint
 
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-4000:]
     errors = [line for line in stderr_lines(proc.stderr) if line.startswith("error:")]
@@ -75,7 +75,7 @@ class _Payload:
 
 def test_tampered_checkpoint_is_refused_and_its_payload_never_runs(diverged, tmp_path):
     out, args, _ = diverged
-    from infoprompt_ds.checkpoint import load_checkpoint, resolve_checkpoint, verify_checkpoint_files
+    from infoprompt_ds.runtime.checkpoint import load_checkpoint, resolve_checkpoint, verify_checkpoint_files
     from infoprompt_ds.config import ConfigError
 
     tampered = tmp_path / "run"
@@ -117,7 +117,7 @@ def test_tampered_checkpoint_is_refused_and_its_payload_never_runs(diverged, tmp
 
 
 def test_exports_load_with_safetensors_and_refuse_anything_else(tmp_path):
-    from infoprompt_ds.checkpoint import EXPORT_WEIGHTS, load_export, save_export
+    from infoprompt_ds.runtime.checkpoint import EXPORT_WEIGHTS, load_export, save_export
     from infoprompt_ds.config import ConfigError
 
     save_export(tmp_path / "e", {"prompt.weight": torch.randn(2, 4)}, {"backbone": "x"})
@@ -142,7 +142,7 @@ OPT_IN = {"docs/slurm.md": "compute nodes"}
 
 
 def test_documented_mlflow_servers_bind_to_localhost():
-    from infoprompt_ds.tracking_store import LocalServer
+    from infoprompt_ds.tracking.store import LocalServer
 
     cmd = LocalServer("/nonexistent").command()
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"

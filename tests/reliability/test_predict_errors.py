@@ -26,7 +26,7 @@ def _count(request):
 
 
 def _export(path: Path, tiny_bert: str, **meta_over) -> Path:
-    from infoprompt_ds.checkpoint import save_export
+    from infoprompt_ds.runtime.checkpoint import save_export
 
     torch.manual_seed(0)
     tensors = {"prompt.weight": torch.randn(4, 32), "head.weight": torch.randn(2, 32), "head.bias": torch.zeros(2)}

@@ -139,7 +139,7 @@ def test_some_label_words_unknown_warns(tiny_bert, sentiment_files, tmp_path):
 
 
 def test_tilde_output_dir_in_yaml_is_expanded(tmp_path):
-    from infoprompt_ds.config import parse_config
+    from infoprompt_ds.config_load import parse_config
 
     (tmp_path / "run.yaml").write_text("output_dir: ~/infoprompt_x\n")
     assert parse_config(["--config", str(tmp_path / "run.yaml")]).output_dir == os.path.expanduser("~/infoprompt_x")
@@ -154,7 +154,7 @@ def test_duplicate_config_key(name, text, tiny_bert, sentiment_files, tmp_path):
 
 
 def test_toml_config_is_parsed_as_toml(tmp_path):
-    from infoprompt_ds.config import parse_config
+    from infoprompt_ds.config_load import parse_config
 
     (tmp_path / "run.toml").write_text('method = "prompt"\nseed = 7\n')
     cfg = parse_config(["--config", str(tmp_path / "run.toml")])
@@ -177,7 +177,7 @@ def test_uncached_hub_name_fails_fast(env, tiny_bert, sentiment_files, tmp_path)
 
 
 def test_exploded_loss_counts_as_divergence():
-    from infoprompt_ds.loss_guard import LossGuard
+    from infoprompt_ds.runtime.loss_guard import LossGuard
 
     g = LossGuard()
     assert g.ok(0.69) and g.ok(5.0) and g.ok(1e3)

@@ -42,7 +42,7 @@ def job_args(model, files, out: Path, experiment: str, **over) -> list[str]:
 
 
 def checkpoint_step(out: Path) -> int:
-    from infoprompt_ds.checkpoint import resolve_checkpoint
+    from infoprompt_ds.runtime.checkpoint import resolve_checkpoint
 
     try:
         return json.loads((resolve_checkpoint("latest", str(out)) / "infoprompt_complete.json").read_text())["global_step"]
@@ -138,7 +138,7 @@ def test_rank_killed_job_ends_in_bounded_time_with_intact_checkpoint(chain):
     assert a["ended_in_bound"] and a["rc"] not in (0, None), (a, facts["logs"]["a"])
     assert a["ranks_left"] == [], a  # no orphan rank keeps running
     assert a["latest_step"] >= 2
-    from infoprompt_ds.checkpoint import resolve_checkpoint, verify_checkpoint_files
+    from infoprompt_ds.runtime.checkpoint import resolve_checkpoint, verify_checkpoint_files
 
     verify_checkpoint_files(resolve_checkpoint("latest", str(out)))  # loads with weights_only=True
     record("rank_kill", injected=1, survived=int(a["ended_in_bound"] and a["rc"] != 0 and not a["ranks_left"]),

@@ -23,10 +23,11 @@ import time
 import pytest
 
 from conftest import ROOT, run_cli, tiny_args
-from infoprompt_ds.config import ConfigError, parse_config
-from infoprompt_ds.tracking import RUN_MARKER, Tracker
-from infoprompt_ds.tracking_outbox import LEFTOVER_FILE, PENDING_FILE, import_pending
-from infoprompt_ds.tracking_store import check_tracking, default_store
+from infoprompt_ds.config import ConfigError
+from infoprompt_ds.config_load import parse_config
+from infoprompt_ds.tracking.client import RUN_MARKER, Tracker
+from infoprompt_ds.tracking.outbox import LEFTOVER_FILE, PENDING_FILE, import_pending
+from infoprompt_ds.tracking.store import check_tracking, default_store
 from reliability_lib import record
 
 
@@ -123,7 +124,7 @@ def test_corrupt_store_and_bad_settings_fail_before_training(tmp_path, tiny_bert
     """Item 7: each permanent tracking error is bad input: one line naming the field, exit 2, before
     anything is trained (checked in process for each case, and through the real CLI for one)."""
     from infoprompt_ds.env import free_port
-    from infoprompt_ds.tracking_store import LocalServer
+    from infoprompt_ds.tracking.store import LocalServer
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)

@@ -422,7 +422,7 @@ def test_two_node_zero3_run(reference, slurm_env):
     assert run.data.params["world_size"] == "2" and run.data.params["zero_stage"] == "3"
     assert "test/accuracy" in run.data.metrics
     assert (out / EXPORT).is_file()
-    import infoprompt_ds.run_metadata as run_metadata
+    import infoprompt_ds.tracking.run_metadata as run_metadata
 
     if hasattr(run_metadata, "ENV_TAGS"):  # the tracker takes extra tags from run.sh (INFOPROMPT_MLFLOW_TAGS)
         assert run.data.tags.get("slurm_job_id") == job and run.data.tags.get("slurm_job_name") == name

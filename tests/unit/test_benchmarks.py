@@ -69,7 +69,7 @@ def test_study_arms_are_valid_configs():
     """Every study arm's flags make a valid TrainConfig (a typo in an arm fails here, not after a long grid), and
     every control an arm names is an arm."""
     import study
-    from infoprompt_ds.config import parse_config
+    from infoprompt_ds.config_load import parse_config
 
     for arm in study.ARMS:
         cfg = parse_config([x for k, v in study.arm_flags(arm).items() for x in (f"--{k}", v)])

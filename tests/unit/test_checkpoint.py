@@ -3,8 +3,7 @@ import json
 import pytest
 import torch
 
-from infoprompt_ds.checkpoint import (MARKER, atomic_dir, complete_checkpoints, load_export, resolve_checkpoint,
-                                      save_export)
+from infoprompt_ds.runtime.checkpoint import (MARKER, atomic_dir, complete_checkpoints, load_export, resolve_checkpoint, save_export)
 from infoprompt_ds.config import ConfigError
 
 

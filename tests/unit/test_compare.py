@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from infoprompt_ds.compare_stats import paired_test
+from infoprompt_ds.compare.stats import paired_test
 
 
 def test_paired_test_edge_cases():

@@ -2,11 +2,12 @@ import json
 
 import pytest
 
-from infoprompt_ds.config import ConfigError, TrainConfig, parse_config
+from infoprompt_ds.config import ConfigError, TrainConfig
+from infoprompt_ds.config_load import parse_config
 
 
 def test_defaults_are_valid_and_documented():
-    from infoprompt_ds.config import build_parser
+    from infoprompt_ds.config_load import build_parser
 
     cfg = parse_config([])
     assert cfg.method == "infoprompt" and cfg.k_shot == 64 and cfg.gamma == 0.1 and cfg.beta == 0.2
@@ -33,7 +34,8 @@ def test_file_then_cli_override(tmp_path):
 
 
 def test_config_file_nested_by_section_equals_flat(tmp_path):
-    from infoprompt_ds.config import SECTIONS, build_parser, section_fields
+    from infoprompt_ds.config import SECTIONS, section_fields
+    from infoprompt_ds.config_load import build_parser
 
     flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
     flat.write_text("k_shot: 16\nmethod: prompt\nlearning_rate: 0.02\neval_steps: 7\nmlflow_experiment: x\n")

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from infoprompt_ds.config import ConfigError, TrainConfig
-from infoprompt_ds.data import prepare_data
+from infoprompt_ds.data.load import prepare_data
 
 
 def cfg_for(files, **over):

@@ -1,11 +1,11 @@
-"""The DeepSpeed json: shipped configs by name, "auto" fill, checks (infoprompt_ds/ds_config.py)."""
+"""The DeepSpeed json: shipped configs by name, "auto" fill, checks (infoprompt_ds/runtime/ds_config.py)."""
 
 import json
 
 import pytest
 
 from infoprompt_ds.config import ConfigError, TrainConfig
-from infoprompt_ds.ds_config import fill_ds_config, load_ds_config
+from infoprompt_ds.runtime.ds_config import fill_ds_config, load_ds_config
 
 
 def test_fill_ds_config_autos():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from infoprompt_ds import mi
+from infoprompt_ds.method import mi
 
 
 def slow_infonce(pos: float, negs: list[float], clamp=None) -> float:

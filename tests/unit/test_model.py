@@ -5,8 +5,8 @@ import torch
 from transformers import AutoConfig
 
 from infoprompt_ds.config import ConfigError, TrainConfig
-from infoprompt_ds.data import resolve_task
-from infoprompt_ds.model import build_model, is_encoder, load_model_config, load_tokenizer, trainable_parameters
+from infoprompt_ds.data.load import resolve_task
+from infoprompt_ds.method.model import (build_model, is_encoder, load_model_config, load_tokenizer, trainable_parameters)
 
 
 def make(path, **over):
@@ -165,8 +165,8 @@ def test_a_training_step_with_the_cache_runs_the_backbone_once(tiny_bert, method
     runs nothing (they need no noise), so each of their steps ran a second backbone pass."""
     from types import SimpleNamespace
 
-    from infoprompt_ds.model import model_inputs
-    from infoprompt_ds.train_loop import mi_inputs
+    from infoprompt_ds.method.model import model_inputs
+    from infoprompt_ds.runtime.train_loop import mi_inputs
 
     cfg, tok, model = make(tiny_bert, method=method, prompt_type="instance")
     b = {**batch(tok), "idx": torch.tensor([1, 0])}

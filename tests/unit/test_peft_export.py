@@ -6,11 +6,11 @@ import json
 import torch
 from peft import PeftModel
 
-from infoprompt_ds.checkpoint import load_export, save_export
+from infoprompt_ds.runtime.checkpoint import load_export, save_export
 from infoprompt_ds.config import TrainConfig
-from infoprompt_ds.data import resolve_task
-from infoprompt_ds.model import build_model, load_model_config, load_tokenizer, trainable_parameters
-from infoprompt_ds.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from infoprompt_ds.data.load import resolve_task
+from infoprompt_ds.method.model import build_model, load_model_config, load_tokenizer, trainable_parameters
+from infoprompt_ds.runtime.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 LABELS, WORDS = ["neg", "pos"], {"neg": "bad", "pos": "good"}
 TEXTS = ["good film", "the plot was very bad and sad"]

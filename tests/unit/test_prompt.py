@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoTokenizer
 
-from infoprompt_ds.prompt import SoftPrompt, head_init, init_values, word_ids
+from infoprompt_ds.method.prompt import SoftPrompt, head_init, init_values, word_ids
 
 
 def setup(tiny_bert):

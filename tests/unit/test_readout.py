@@ -8,11 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from conftest import assert_terms_pass_gradient_within_bounds
-from infoprompt_ds import readout as readouts
-from infoprompt_ds.checkpoint import save_export
+from infoprompt_ds.data import readout as readouts
+from infoprompt_ds.runtime.checkpoint import save_export
 from infoprompt_ds.config import DEFAULT_MODEL, ConfigError, TrainConfig
-from infoprompt_ds.data import encode, resolve_readout, resolve_task
-from infoprompt_ds.model import build_model, load_model_config, load_tokenizer, model_inputs, trainable_parameters
+from infoprompt_ds.data.load import encode, resolve_readout, resolve_task
+from infoprompt_ds.method.model import (build_model, load_model_config, load_tokenizer, model_inputs, trainable_parameters)
 
 NAMES, WORDS = ["neg", "pos"], {"neg": "bad", "pos": "good"}
 TEXTS = ["good film", "the plot was very bad and sad", "a nice story", "it was awful"]
@@ -202,7 +202,7 @@ def test_predictor_on_an_export_gives_the_models_logits(request, fixture, kind, 
 def test_unprompted_cache_key_holds_the_readout(tiny_bert_mlm):
     """z(x, no prompt) under cloze is the MLM transform at the mask of the templated input: a cache file
     written by a linear run of the same backbone must not serve it (nor one with another template)."""
-    from infoprompt_ds.unprompted_cache import backbone_key
+    from infoprompt_ds.runtime.unprompted_cache import backbone_key
 
     keys = set()
     for readout, template in (("linear", None), ("cloze", None), ("cloze", "{x} So it was {mask}.")):

@@ -10,8 +10,8 @@ import torch
 
 from conftest import FILLER, NEG, POS
 from infoprompt_ds.config import TrainConfig
-from infoprompt_ds.data import resolve_task
-from infoprompt_ds.model import build_model, load_model_config, load_tokenizer
+from infoprompt_ds.data.load import resolve_task
+from infoprompt_ds.method.model import build_model, load_model_config, load_tokenizer
 
 
 @pytest.fixture(scope="module")

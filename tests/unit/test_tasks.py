@@ -6,7 +6,7 @@ import json
 import pytest
 
 from infoprompt_ds.config import ConfigError
-from infoprompt_ds.tasks import check_bio, read_conll, read_ner_jsonl, read_relation_jsonl, read_semeval
+from infoprompt_ds.data.tasks import check_bio, read_conll, read_ner_jsonl, read_relation_jsonl, read_semeval
 
 
 MARKERS = ["<e1>", "</e1>", "<e2>", "</e2>"]
@@ -67,7 +67,7 @@ def test_wnut_tweets_preset_loads_the_packaged_conll(tiny_bert):
     from transformers import AutoTokenizer
 
     from infoprompt_ds.config import TrainConfig
-    from infoprompt_ds.data import prepare_data
+    from infoprompt_ds.data.load import prepare_data
 
     cfg = TrainConfig(task="wnut_tweets", k_shot=2, max_eval_samples=20, model_name_or_path=tiny_bert)
     data = prepare_data(cfg, AutoTokenizer.from_pretrained(tiny_bert))

@@ -17,16 +17,16 @@ def test_every_logged_name_is_documented():
     documented = set(re.findall(r"`([\w./<>-]+)`", doc))
     params = [f.name for f in fields(TrainConfig)] + ["world_size", "zero_stage", "n_train", "n_validation",
                                                       "n_test", "total_steps", "trainable_params", "backbone_params"]
-    source = (ROOT / "infoprompt_ds" / "train_loop.py").read_text()
+    source = "".join(p.read_text() for p in (ROOT / "infoprompt_ds" / "runtime").glob("*.py"))
     metrics = set(re.findall(r'"((?:train|eval|test)/\w+)"', source))
-    from infoprompt_ds.method import METRIC_NAMES
+    from infoprompt_ds.method.loss import METRIC_NAMES
 
     metrics |= set(METRIC_NAMES)  # the method's diagnostics, logged through the loop
     from infoprompt_ds import metrics as task_metrics
 
     names = {m for ms in getattr(task_metrics, "METRICS", {}).values() for m in ms} | {"accuracy", "macro_f1", "mcc"}
     metrics |= {f"eval/{m}" for m in names}
-    from infoprompt_ds.run_metadata import run_tags
+    from infoprompt_ds.tracking.run_metadata import run_tags
 
     tags = set(run_tags(TrainConfig())) | {"best_step", "best_validation_<metric>", "version.<package>"}
     missing = [n for n in params + sorted(metrics) + sorted(tags) if n not in documented]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from conftest import build_in_process
-from infoprompt_ds import unprompted_cache as uc
-from infoprompt_ds.config import ConfigError, parse_config
+from infoprompt_ds.runtime import unprompted_cache as uc
+from infoprompt_ds.config import ConfigError
+from infoprompt_ds.config_load import parse_config
 
 
 def _key(model_dir, files, tmp_path, device="cpu", **over) -> str:

@@ -1,0 +1,3 @@
+from infoprompt_ds.compare.cli import main
+
+main()

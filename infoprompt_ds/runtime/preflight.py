@@ -1,0 +1,180 @@
+"""Pre-flight checks that need the environment, the DeepSpeed json, the file system or the tokenizer, but
+no weights and no process group: each one is a crash (or a silent waste) that used to happen minutes
+later, after the model had loaded. Called from train_loop.prepare; every failure is a ConfigError.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from infoprompt_ds.config import ConfigError, TrainConfig
+from infoprompt_ds.runtime.ds_config import ds_value
+
+# Optimizers whose DeepSpeed kernels exist only on CUDA (fused Lamb, 1-bit compression).
+_GPU_ONLY_OPTIMIZERS = ("lamb", "onebitadam", "onebitlamb", "zerooneadam")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "sentencepiece.model")
+
+
+def _warn(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # one line for the job, not one per rank
+        print(f"warning: {message}", flush=True)
+
+
+def check_launcher_env() -> None:
+    """A stray RANK or WORLD_SIZE left in the shell (without a launcher's other variables) used to end in
+    DeepSpeed's MPI discovery and an mpi4py traceback."""
+    env = os.environ
+    if ("RANK" in env) != ("WORLD_SIZE" in env):
+        have, lack = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+        raise ConfigError("environment", f"{have}={env[have]} is set but {lack} is not: unset {have} for a "
+                          f"one-process run, or start with a launcher (deepspeed, torchrun, srun)")
+    if "RANK" not in env:
+        return
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    except ValueError:
+        raise ConfigError("environment", f"RANK={env['RANK']!r} and WORLD_SIZE={env['WORLD_SIZE']!r} must be integers")
+    if not (world >= 1 and 0 <= rank < world):
+        raise ConfigError("environment", f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not env.get(v)]
+    if missing:
+        raise ConfigError("environment", f"WORLD_SIZE={world} but {' and '.join(missing)} not set: start with a "
+                          f"launcher, or unset RANK/WORLD_SIZE for a one-process run")
+
+
+_get = ds_value  # a dotted path of the DeepSpeed json (ds_config.ds_value)
+
+
+def check_precision_and_devices(cfg: TrainConfig, ds: dict[str, Any]) -> None:
+    import torch
+
+    for name in ("bf16", "fp16"):
+        enabled = _get(ds, f"{name}.enabled")
+        if isinstance(enabled, bool) and enabled != getattr(cfg, name):
+            raise ConfigError(name, f"the DeepSpeed json sets {name}.enabled={str(enabled).lower()} but --{name} is "
+                              f"{str(getattr(cfg, name)).lower()}; make them agree (or write \"auto\" in the json)")
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and (cfg.fp16 or _get(ds, "fp16.enabled") is True):
+        raise ConfigError("fp16", "fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 training); on CPU "
+                          "use --bf16 true or fp32")
+    opt = _get(ds, "optimizer.type")
+    if not on_gpu and isinstance(opt, str) and opt.lower() in _GPU_ONLY_OPTIMIZERS:
+        raise ConfigError("deepspeed", f"optimizer.type {opt} needs a GPU (its DeepSpeed kernel is CUDA-only); on "
+                          f"CPU use AdamW")
+    for part in ("offload_param", "offload_optimizer"):
+        device = _get(ds, f"zero_optimization.{part}.device")
+        if device == "nvme" and not _get(ds, f"zero_optimization.{part}.nvme_path"):
+            raise ConfigError("deepspeed", f"zero_optimization.{part}.device is nvme but nvme_path is not set; "
+                              f"set nvme_path to a folder on the NVMe drive")
+
+
+def check_output_dir_path(cfg: TrainConfig) -> None:
+    """output_dir "" (the current folder), under a file, or somewhere this user cannot write."""
+    if not cfg.output_dir.strip():
+        raise ConfigError("output_dir", "is empty; name a folder (e.g. outputs/run)")
+    out = Path(cfg.output_dir)
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent != out and not parent.is_dir():
+        raise ConfigError("output_dir", f"{out} lies under {parent}, which is a file")
+    if parent.is_dir():
+        try:  # os.access says yes to root on a read-only mount; creating a file is the real test
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as e:
+            raise ConfigError("output_dir", f"cannot write in {parent}: {e.strerror or e}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> Optional[str]:
+    """None when the hub endpoint accepts a TCP connection, else why not."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return None
+    except OSError as e:
+        return f"{url.hostname} is unreachable ({e.strerror or type(e).__name__})"
+
+
+def check_model_path(cfg: TrainConfig) -> None:
+    from infoprompt_ds.backbone import resolve_model_path
+
+    name = resolve_model_path(cfg.model_name_or_path)
+    p = Path(name).expanduser()
+    if p.is_file():
+        raise ConfigError("model_name_or_path", f"{name} is a file; give the model folder (config.json, weights and "
+                          f"tokenizer files) or a hub name")
+    if p.is_dir():
+        if (p / "config.json").is_file() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError("model_name_or_path", f"{name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                              f"...); save the tokenizer there too (tokenizer.save_pretrained)")
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ConfigError("model_name_or_path", f"{name} not found (no such folder)")
+    try:  # a hub name: fine when cached; else fail now rather than after the hub client's retries
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except Exception:  # noqa: BLE001 - an invalid repo id: from_pretrained gives the precise message
+        return
+    offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
+    why = f"{offline[0]} is set" if offline else _hub_reachable()
+    if why:
+        raise ConfigError("model_name_or_path", f"{name!r} is not a local folder nor in the Hugging Face cache, and "
+                          f"{why}; give a local model folder")
+
+
+def check_tokenizer(cfg: TrainConfig, tokenizer) -> None:
+    """Limits that only the tokenizer knows: what max_length must leave room for, and that the prompt's
+    init text gives tokens."""
+    pair = cfg.text_pair_column is not None
+    need = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+    if cfg.max_length < need:
+        raise ConfigError("max_length", f"{cfg.max_length} leaves no room for text: this tokenizer adds "
+                          f"{need - (2 if pair else 1)} special tokens{' to a pair' if pair else ''}; use >= {need}")
+    if cfg.prompt_init == "text" and not tokenizer(cfg.prompt_init_text or "", add_special_tokens=False)["input_ids"]:
+        raise ConfigError("prompt_init_text", f"{cfg.prompt_init_text!r} gives no tokens; use a text with words")
+
+
+def check_label_words(task, tokenizer) -> None:
+    """Each label word must give tokens the tokenizer knows: an empty word makes a NaN head row, and words
+    that are all [UNK] start every class from the same row."""
+    if not task.label_words:
+        return
+    names = task.labels
+    from infoprompt_ds.data.tasks import word_ids
+
+    unk, unknown = tokenizer.unk_token_id, []
+    for name in names:
+        word = task.label_words.get(name, "")
+        ids = word_ids(tokenizer, word) if word.strip() else []
+        if not ids:
+            raise ConfigError("label_words", f"the word for label {name!r} is empty; give a word, e.g. {name}=good")
+        if unk is not None and all(i == unk for i in ids):
+            unknown.append(f"{name}={word}")
+    # A warning, not an error: a preset's words (yes/no, good/bad) may be missing from a small vocabulary,
+    # and the head still trains from identical rows; the user should know its init means nothing.
+    if unknown and len(unknown) == len(names):
+        _warn(f"label_words: every label word is unknown to the tokenizer ({', '.join(unknown)} are all "
+              f"[UNK]): every class starts from the same head row; use words of its vocabulary")
+    elif unknown:
+        _warn(f"label_words: {', '.join(unknown)} unknown to the tokenizer ([UNK]); those classes start "
+              f"from the [UNK] embedding")
+
+
+def check_validation_labels(data) -> None:
+    """A validation split with one class makes mcc/f1 constant: best-model selection would mean nothing."""
+    task = data.task
+    if task.type != "classification" or "validation" not in data.splits:
+        return
+    classes = set(data.splits["validation"]["labels"])
+    if len(classes) < 2 and task.metric in ("mcc", "f1", "macro_f1"):
+        _warn(f"metric_for_best_model: the validation split holds one class only "
+              f"({data.label_names[next(iter(classes))]!r}), so {task.metric} is constant and picks "
+              f"no best model; give a validation_file with every class or use accuracy")

@@ -1,0 +1,3 @@
+from infoprompt_ds.tracking.client import main
+
+main()
