@@ -162,6 +162,10 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata={"help": "Warmup steps; > 0 overrides warmup_ratio."})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (fills bf16.enabled='auto')."})
     fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision (fills fp16.enabled='auto')."})
+    gradient_checkpointing: bool = field(default=False, metadata={"identity": False, "help": (
+        "Activation checkpointing of the frozen backbone (the HF Trainer's name): each layer keeps only its "
+        "input and recomputes the rest in the backward, trading ~1 extra forward for the activations of all "
+        "but one layer. Same losses and tensors as without (tested); eval and the unprompted pass never recompute.")})
 
     # --- evaluation: validation, best model, checkpoints, output ----------------------------------
     logging_steps: int = field(default=5, metadata={"identity": False, "help": "Log losses and throughput every N steps."})

@@ -109,6 +109,60 @@ def masked_lm_model_types():
     return MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+def model_class_for(auto_class, model_config):
+    """The class `auto_class.from_pretrained` would build for this config (its internal auto-mapping), or
+    None when the mapping has none: read without loading a weight (pre-flight)."""
+    try:
+        return auto_class._model_mapping[type(model_config)]
+    except (KeyError, AttributeError):
+        return None
+
+
+def checkpointing_layer_class():
+    """transformers' per-layer checkpointing base (modeling_layers.GradientCheckpointingLayer, >= 4.52):
+    its `forward` runs `self._gradient_checkpointing_func(partial(forward, self, **kwargs), *args)` when the
+    layer's own `gradient_checkpointing` and `training` are set and grad is enabled. None before 4.52."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return None
+    return GradientCheckpointingLayer
+
+
+def checkpoint_layers_in_eval_mode(backbone, checkpoint_kwargs: dict) -> list:
+    """Activation checkpointing of every layer of a backbone that runs in eval mode. transformers
+    checkpoints a layer only while that layer's `training` flag is set, but a frozen backbone stays in eval
+    mode (no dropout, deterministic). So: enable it (activation_checkpointing_enable, called
+    gradient_checkpointing_enable before transformers 5.25), then give each checkpointed layer a
+    `_gradient_checkpointing_func` that runs the layer's forward - the first pass and the recomputation -
+    with `training` False. The caller sets the layers' `training` (the gate only) while training; returns
+    those layers (empty: the class has no per-layer checkpointing)."""
+    enable = getattr(backbone, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    base = checkpointing_layer_class()
+    layers = [m for m in backbone.modules()
+              if base is not None and isinstance(m, base) and getattr(m, "gradient_checkpointing", False)]
+    for layer in layers:
+        layer._gradient_checkpointing_func = _in_eval_mode(layer, layer._gradient_checkpointing_func)
+    return layers
+
+
+def _in_eval_mode(layer, checkpoint_fn):
+    def run(function, *args, **kwargs):
+        def forward_in_eval_mode(*inner):
+            was = layer.training
+            layer.training = False
+            try:
+                return function(*inner)
+            finally:
+                layer.training = was
+        return checkpoint_fn(forward_in_eval_mode, *args, **kwargs)
+    return run
+
+
 # --- MLflow ---------------------------------------------------------------------------------------------
 # Also internal, and left in place in tracking.py (its _SystemSampler): SystemMetricsMonitor's
 # sampling_interval, samples_before_logging, collect_metrics, aggregate_metrics, monitors[].clear_metrics.

@@ -21,7 +21,8 @@ from infoprompt_ds.method import mi
 from infoprompt_ds.data import readout as readouts
 from infoprompt_ds.config import ConfigError, TrainConfig, one_line
 from infoprompt_ds.backbone import resolve_model_path
-from infoprompt_ds.internals import keep_alive, masked_lm_model_types, zero3_load_context
+from infoprompt_ds.internals import (checkpoint_layers_in_eval_mode, keep_alive, masked_lm_model_types,
+                                    zero3_load_context)
 from infoprompt_ds.method.prompt import PromptGenerator, SoftPrompt, head_init, init_values
 from infoprompt_ds.data.tasks import Task
 
@@ -112,6 +113,7 @@ class InfoPromptModel(nn.Module):
         self.register_buffer("z_mean", torch.zeros(hidden), persistent=False)
         self.register_buffer("z_std", torch.ones(hidden), persistent=False)
         self.register_buffer("vocab_mean", torch.zeros(hidden), persistent=False)  # set by build_model
+        self.checkpointed = enable_checkpointing(backbone) if cfg.gradient_checkpointing else []
 
     @property
     def needs_noise(self) -> bool:
@@ -149,6 +151,8 @@ class InfoPromptModel(nn.Module):
         # unprompted representation is exactly what a step would recompute, and resume is exact.
         super().train(mode)
         self.backbone.eval()
+        for layer in self.checkpointed:  # the layer's flag only (its children stay in eval): opens the checkpoint
+            layer.training = mode        # gate in training; eval passes (no grad anyway) never recompute
         return self
 
     def _encode(self, embeds, mask, token_type_ids):
@@ -228,6 +232,22 @@ class InfoPromptModel(nn.Module):
                             attention_mask=attention_mask, eps_pos=eps_pos, eps_neg=eps_neg, mi_scale=mi_scale)
         out.update(loss=m.loss, ce=m.ce, method=m, prompt=prompt, **m.terms)
         return out
+
+
+def enable_checkpointing(backbone: nn.Module) -> list[nn.Module]:
+    """--gradient_checkpointing: every layer of the frozen backbone keeps only its input in the forward and
+    is recomputed in the backward (under ZeRO-3 the recomputation gathers the layer's weights again).
+    Non-reentrant (use_reentrant=False), as torch recommends: the reentrant form gives a checkpointed block
+    a gradient only through positional inputs that require grad, so with a frozen backbone it is silently
+    zero wherever the trainable tensor does not enter as such (it does here: the prompt is in the layer's
+    hidden_states, and tests/unit/test_checkpointing.py checks the prompt's gradient); the non-reentrant
+    form differentiates whatever the recomputed forward touches. The layers run in eval mode in both
+    passes (internals.checkpoint_layers_in_eval_mode); returns them, for train() to open the gate."""
+    layers = checkpoint_layers_in_eval_mode(backbone, {"use_reentrant": False})
+    if not layers:  # pre-flight refuses such a class before loading; this is the backstop
+        raise ConfigError("gradient_checkpointing", f"{type(backbone).__name__} has no per-layer activation "
+                          f"checkpointing in this transformers version; drop --gradient_checkpointing")
+    return layers
 
 
 def _gathered(params):

@@ -74,6 +74,43 @@ def check_precision_and_devices(cfg: TrainConfig, ds: dict[str, Any]) -> None:
                               f"set nvme_path to a folder on the NVMe drive")
 
 
+def check_gradient_checkpointing(cfg: TrainConfig, model_config, readout_kind: str) -> None:
+    """--gradient_checkpointing on a model class that cannot checkpoint (transformers'
+    supports_gradient_checkpointing False: ALBERT, MPNet, XLNet, CTRL...) used to fail only after loading."""
+    if not cfg.gradient_checkpointing:
+        return
+    from infoprompt_ds.data.readout import auto_class
+    from infoprompt_ds.internals import checkpointing_layer_class, model_class_for
+
+    cls = model_class_for(auto_class(readout_kind), model_config)
+    if cls is None:  # not a class transformers maps: from_pretrained reports it
+        return
+    import sys
+
+    base = checkpointing_layer_class()
+    per_layer = base is not None and any(isinstance(v, type) and issubclass(v, base) and v is not base
+                                         for v in vars(sys.modules[cls.__module__]).values())
+    if not (getattr(cls, "supports_gradient_checkpointing", False) and per_layer):
+        raise ConfigError("gradient_checkpointing", f"{cls.__name__} ({model_config.model_type}) cannot checkpoint "
+                          f"activations (transformers has no per-layer checkpointing for it); drop "
+                          f"--gradient_checkpointing or pick another backbone")
+
+
+def report_plan(cfg: TrainConfig, plan) -> None:
+    """The planner's estimate as one line (rank 0), and a warning when it exceeds the device's memory
+    (on CPU: the host's RAM, which all ranks of this node share)."""
+    from infoprompt_ds.runtime.plan import GIB, device_memory
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    print(plan.line(), flush=True)
+    memory, on_gpu = device_memory(cfg)
+    need = plan.device_peak_bytes if on_gpu else plan.host_total_bytes
+    if need > memory:
+        _warn(f"the plan needs {need / GIB:.1f} GiB per {'GPU' if on_gpu else 'host'} but it has {memory / GIB:.1f} "
+              f"GiB; expect an out-of-memory kill (`infoprompt plan` with the same flags suggests a config)")
+
+
 def check_output_dir_path(cfg: TrainConfig) -> None:
     """output_dir "" (the current folder), under a file, or somewhere this user cannot write."""
     if not cfg.output_dir.strip():

@@ -76,6 +76,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     preflight.check_tokenizer(cfg, tokenizer)
     data = prepare_data(cfg, tokenizer, model_config)  # resolves the read-out too (data.readout)
     preflight.check_label_words(data.task, tokenizer)
+    preflight.check_gradient_checkpointing(cfg, model_config, data.readout.kind)
     preflight.check_validation_labels(data)
     identity = outdir.run_identity(cfg, data, model_config, world, zero_stage(ds_raw), resume)
     if resume is not None:
