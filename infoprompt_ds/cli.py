@@ -5,6 +5,7 @@
     infoprompt sweep   --config sweeps/rt_64shot.yaml                        (= infoprompt-sweep)
     infoprompt compare --experiment NAME                                     (= infoprompt-compare)
     infoprompt mlflow  import OUTPUT_DIR                                     (= infoprompt-mlflow)
+    infoprompt plan    --model_name_or_path DIR [train flags] [--ranks N]     (memory planner; no weights)
 
 Exit codes (infoprompt_ds/errors.py): 0 finished; 2 bad input; 3 training diverged; 75 stopped by
 SIGTERM/SIGUSR1 after saving a checkpoint (resumable). Anything else is a crash.
@@ -70,7 +71,16 @@ def _mlflow(argv):
     main(argv)
 
 
-COMMANDS = {"train": train_main, "predict": predict_main, "sweep": _sweep, "compare": _compare, "mlflow": _mlflow}
+def _plan(argv):
+    def go():
+        from infoprompt_ds.runtime.plan import main
+
+        main(argv)
+
+    exit_on_config_error(go)
+
+
+COMMANDS = {"train": train_main, "predict": predict_main, "sweep": _sweep, "compare": _compare, "mlflow": _mlflow, "plan": _plan}
 
 
 def main(argv=None) -> None:

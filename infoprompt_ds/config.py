@@ -18,6 +18,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout (sweep.py); an i
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def _check_gib(name: str, value: Optional[float]) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(name, f"must be a number > 0 (GiB), got {value}")
+
+
 def one_line(e: BaseException) -> str:
     """An exception as one line (its first), for error messages that must stay one line."""
     text = str(e).strip()
@@ -195,13 +200,19 @@ class TrainConfig:
         "(train/nonfinite_steps), as is an optimizer step DeepSpeed skips for a non-finite gradient; after "
         "this many in a row the run stops with exit code 3, keeping the last good checkpoint.")})
     deepspeed: Optional[str] = field(default=None, metadata={"help": (
-        "DeepSpeed json: a path, or the name of a shipped config (zero3, zero2, zero3_offload). "
+        "DeepSpeed json: a path, or the name of a shipped config (zero3, zero2, zero3_offload, zero3_nvme). "
         "Default: zero3.")})
+    offload_dir: Optional[str] = field(default=None, metadata={"identity": False, "help": (
+        "Folder for ZeRO-Infinity's NVMe swap files (fills nvme_path of a json that offloads to nvme, e.g. "
+        "zero3_nvme). Default: output_dir/offload. Put it on a fast local drive with room for the weights.")})
+    device_memory_gib: Optional[float] = field(default=None, metadata={"identity": False, "help": (
+        "Memory of one device (GPU; on CPU: host RAM) in GiB, for the memory planner (`infoprompt plan`) "
+        "and pre-flight's warning. Default: the detected GPU, else this machine's RAM.")})
     local_rank: int = field(default=-1, metadata={"identity": False, "help": "Set by the deepspeed launcher; ignored (LOCAL_RANK is read)."})
 
     def __post_init__(self):
         for name in ("output_dir", "train_file", "validation_file", "test_file", "deepspeed", "model_name_or_path",
-                     "resume_from_checkpoint", "unprompted_cache_dir", "dataset"):  # `~/x` in a YAML/JSON file
+                     "resume_from_checkpoint", "unprompted_cache_dir", "dataset", "offload_dir"):  # `~/x` in a YAML/JSON file
             if isinstance(getattr(self, name), str) and getattr(self, name).startswith("~"):
                 object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))  # frozen: once, here
         _check_choice("method", self.method, ("infoprompt", "prompt", "probe"))
@@ -276,6 +287,7 @@ class TrainConfig:
                 raise ConfigError("unprompted_cache_dir", f"{self.unprompted_cache_dir} exists and is not a folder")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16", "bf16 and fp16 cannot both be true")
+        _check_gib("device_memory_gib", self.device_memory_gib)
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ConfigError("labels", f"has duplicates: {self.labels}")
 

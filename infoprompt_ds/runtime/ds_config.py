@@ -41,8 +41,13 @@ def load_ds_config(path: Optional[str]) -> dict[str, Any]:
     return cfg
 
 
+def offload_dir(cfg: TrainConfig) -> str:
+    """Where ZeRO-Infinity's swap files go: --offload_dir, else a folder inside output_dir."""
+    return cfg.offload_dir or str(Path(cfg.output_dir) / "offload")
+
+
 def fill_ds_config(ds: dict[str, Any], cfg: TrainConfig, world_size: int, total_steps: int,
-                   hidden_size: int) -> dict[str, Any]:
+                   hidden_size: int, largest_weight: int = 0) -> dict[str, Any]:
     """Replace every "auto" in the DeepSpeed json with the value this config implies (as HF Trainer does).
 
     Values the user wrote explicitly must agree with the config where both set the same thing, or the
@@ -68,6 +73,11 @@ def fill_ds_config(ds: dict[str, Any], cfg: TrainConfig, world_size: int, total_
         "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+        # ZeRO-Infinity: the swap folder, and swap buffers large enough for the largest weight (the
+        # embedding, vocab x d), which DeepSpeed's param swapper asserts (numel <= buffer_size).
+        "zero_optimization.offload_param.nvme_path": offload_dir(cfg),
+        "zero_optimization.offload_optimizer.nvme_path": offload_dir(cfg),
+        "zero_optimization.offload_param.buffer_size": max(largest_weight, hidden_size * hidden_size, 10**6),
     }
     out = json.loads(json.dumps(ds))
 

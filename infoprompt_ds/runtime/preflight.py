@@ -74,6 +74,59 @@ def check_precision_and_devices(cfg: TrainConfig, ds: dict[str, Any]) -> None:
                               f"set nvme_path to a folder on the NVMe drive")
 
 
+LIBAIO_HINT = ("install libaio and its headers (Debian/Ubuntu: apt-get install -y libaio-dev; RHEL/Fedora: "
+               "yum install -y libaio-devel), or use --deepspeed zero3_offload (offload to CPU RAM, no libaio)")
+
+
+def libaio_missing_message(part: str) -> str:
+    return (f"zero_optimization.{part}.device is nvme, and DeepSpeed's async I/O op (async_io) cannot be built "
+            f"here: libaio was not found; {LIBAIO_HINT}")
+
+
+def nvme_parts(ds: dict[str, Any]) -> list[str]:
+    return [part for part in ("offload_param", "offload_optimizer")
+            if _get(ds, f"zero_optimization.{part}.device") == "nvme"]
+
+
+def _writable_parent(path: Path, name: str) -> Path:
+    """The nearest existing folder of `path`, checked by creating a file in it (root passes os.access on a
+    read-only mount; a real file does not)."""
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(name, f"{path} lies under {parent}, which is a file")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise ConfigError(name, f"cannot write in {parent}: {e.strerror or e}")
+    return parent
+
+
+def check_offload(cfg: TrainConfig, ds: dict[str, Any], nvme_bytes: int = 0) -> None:
+    """ZeRO-Infinity (offload to nvme): the swap folder must be writable with room for the swapped
+    weights, and DeepSpeed's async_io op must be buildable (it links libaio), or the run dies in
+    deepspeed.initialize after the model has loaded. `nvme_bytes`: what the swap will hold (plan.py)."""
+    parts = nvme_parts(ds)
+    if not parts:
+        return
+    import shutil
+
+    for part in parts:
+        where = Path(_get(ds, f"zero_optimization.{part}.nvme_path"))
+        parent = _writable_parent(where, "offload_dir")
+        free = shutil.disk_usage(parent).free
+        if nvme_bytes * 1.05 > free:
+            raise ConfigError("offload_dir", f"{where} has {free / 2**30:.1f} GiB free but the swap files need "
+                              f"~{nvme_bytes / 2**30:.1f} GiB; free space or give another --offload_dir")
+    from deepspeed.accelerator import get_accelerator
+
+    # The op the accelerator would build (the CPU accelerator has its own builder); is_compatible()
+    # compiles and links a test program against libaio (io_submit).
+    if not get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible():
+        raise ConfigError("deepspeed", libaio_missing_message(parts[0]))
+
+
 def check_gradient_checkpointing(cfg: TrainConfig, model_config, readout_kind: str) -> None:
     """--gradient_checkpointing on a model class that cannot checkpoint (transformers'
     supports_gradient_checkpointing False: ALBERT, MPNet, XLNet, CTRL...) used to fail only after loading."""

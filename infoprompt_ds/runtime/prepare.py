@@ -18,6 +18,7 @@ from infoprompt_ds.config import ConfigError, TrainConfig
 from infoprompt_ds.config_load import config_from_env_rank
 from infoprompt_ds.data.load import prepare_data
 from infoprompt_ds.runtime.ds_config import fill_ds_config, load_ds_config, zero_stage
+from infoprompt_ds.runtime.plan import plan_run
 from infoprompt_ds.metrics import check_metric
 from infoprompt_ds.method.model import load_model_config, load_tokenizer
 from infoprompt_ds.tracking.store import check_tracking
@@ -85,7 +86,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if problem:
         raise ConfigError("metric_for_best_model", problem)
     micro_per_epoch, total_steps = plan_steps(cfg, len(data.splits["train"]), world)
-    ds_config = fill_ds_config(ds_raw, cfg, world, total_steps, model_config.hidden_size)
+    ds_config = fill_ds_config(ds_raw, cfg, world, total_steps, model_config.hidden_size,
+                               largest_weight=getattr(model_config, "vocab_size", 0) * model_config.hidden_size)
+    estimate = plan_run(cfg, ds_config, model_config, world)
+    preflight.report_plan(cfg, estimate)
+    preflight.check_offload(cfg, ds_config, estimate.nvme_bytes)
     lock = outdir.lock_output_dir(cfg, rank)  # last: held until the process ends
     return Prepared(rank, local_rank, world, model_config, tokenizer, data, micro_per_epoch, total_steps,
                     ds_config, resume, identity, lock)

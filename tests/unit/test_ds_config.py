@@ -37,5 +37,5 @@ def test_shipped_deepspeed_configs_by_name_from_any_folder(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # outside the checkout: names resolve to the package data
     assert load_ds_config("zero3") == load_ds_config("zero3.json") == load_ds_config(None) == repo_copy
     assert load_ds_config("ds_configs/zero2.json")["zero_optimization"]["stage"] == 2
-    with pytest.raises(ConfigError, match=r"deepspeed: .*zero9.*one of: zero2, zero3, zero3_offload"):
+    with pytest.raises(ConfigError, match=r"deepspeed: .*zero9.*one of: zero2, zero3, zero3_nvme, zero3_offload"):
         load_ds_config("zero9")
