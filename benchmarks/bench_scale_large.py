@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from bench_scale import FILLER, NEG, POS, write_data  # noqa: E402
+from bench_scale import SHAPES as SCALE_SHAPES  # noqa: E402
 from common import RESULTS, ROOT  # noqa: E402
 
 SHAPES = {  # LlamaConfig fields; MHA (no GQA) as Llama-2-7B
@@ -38,6 +39,7 @@ SHAPES = {  # LlamaConfig fields; MHA (no GQA) as Llama-2-7B
                intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
     "3b": dict(hidden_size=3200, num_hidden_layers=26, num_attention_heads=32, num_key_value_heads=32,
                intermediate_size=8640, vocab_size=32000, max_position_embeddings=2048),  # OpenLLaMA-3B's shape
+    "1.1b": SCALE_SHAPES["1.1b"],  # TinyLlama-1.1B's shape (benchmarks/gpu_check.sh)
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                  intermediate_size=128, vocab_size=256, max_position_embeddings=128),
 }
@@ -146,14 +148,38 @@ def as_argv(flags: dict) -> list[str]:
     return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
 
 
-def planned_host_gib(flags: dict) -> float | None:
-    """`infoprompt plan --json`'s host estimate (all ranks) for the same flags."""
+def planned_host_gib(flags: dict) -> tuple[float, float] | None:
+    """`infoprompt plan --json`'s host estimates (all ranks, GiB) for the same flags: (RSS peak with the
+    weight files mapped while loading, anonymous memory in training)."""
     cmd = [sys.executable, "-m", "infoprompt_ds.cli", "plan", *as_argv(flags), "--json", "true"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         print(f"[large] plan failed: {r.stderr.strip()[-500:]}", flush=True)
         return None
-    return json.loads(r.stdout)["host_total_bytes"] / 2**30
+    plan = json.loads(r.stdout)
+    return plan["host_total_bytes"] / GIB, plan["host_train_bytes"] * plan["ranks"] / GIB
+
+
+def add_plan(row: dict, planned: tuple[float, float] | None) -> dict:
+    if planned is not None:
+        row["planned_peak_gib"], row["planned_anon_train_gib"] = round(planned[0], 3), round(planned[1], 3)
+        row["plan_error"] = round(planned[0] / row["measured_peak_gib"] - 1, 3)
+        if row.get("peak_anon_gib_train"):
+            row["plan_error_anon_train"] = round(planned[1] / row["peak_anon_gib_train"] - 1, 3)
+    return row
+
+
+def replan(path: Path) -> None:
+    """Recompute the planner's columns of results/scale_large.json from each row's command (the model's
+    config.json and weight files must still exist)."""
+    rows = json.loads(path.read_text())
+    for row in rows:
+        argv = row["command"].split()[2:]  # python scale_rank.py --flag value ...
+        flags = dict(zip([a[2:] for a in argv[0::2]], argv[1::2]))
+        if Path(flags["model_name_or_path"], "config.json").is_file():
+            add_plan(row, planned_host_gib(flags))
+            print(f"[large] replanned {row['shape']} {row['method']}: {row.get('planned_peak_gib')}", flush=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def step_seconds(out: Path) -> list[float]:
@@ -179,7 +205,7 @@ def run_one(shape: str, params: int, model: str, ds: str, method: str, steps: in
     cmd = ["nice", "-n", "5", sys.executable, str(HERE / "scale_rank.py"), *as_argv(flags)]
     env = {**os.environ, "SCALE_PROBE_DIR": str(probe), "OMP_NUM_THREADS": str(args.threads),
            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    print(f"[large] {name}: planned {planned} GiB; {' '.join(cmd)}", flush=True)
+    print(f"[large] {name}: planned {planned} GiB (RSS, anon); {' '.join(cmd)}", flush=True)
     t = time.time()
     with open(work / name / "log.txt", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -193,7 +219,6 @@ def run_one(shape: str, params: int, model: str, ds: str, method: str, steps: in
            "max_length": args.max_length, "n_virtual_tokens": args.n_virtual_tokens, "micro_batch": 1,
            "threads": args.threads, "returncode": rc, "job_wall_s": round(time.time() - t, 1),
            "measured_peak_gib": round(sampler.peak_rss / 2**30, 3),
-           "planned_peak_gib": None if planned is None else round(planned, 3),
            "offload_dir_peak_bytes": sampler.peak_disk, "command": " ".join(cmd[3:])}
     try:
         rank0 = json.loads((probe / "rank0.json").read_text())
@@ -209,8 +234,7 @@ def run_one(shape: str, params: int, model: str, ds: str, method: str, steps: in
     else:
         row["steps_done"] = 0
         row["error"] = (work / name / "log.txt").read_text()[-1500:]
-    if row["planned_peak_gib"]:
-        row["plan_error"] = round(row["planned_peak_gib"] / row["measured_peak_gib"] - 1, 3)
+    add_plan(row, planned)
     print(f"[large] {name}: {json.dumps({k: v for k, v in row.items() if k not in ('error', 'command')})}", flush=True)
     shutil.rmtree(offload, ignore_errors=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -221,6 +245,36 @@ def append_row(path: Path, row: dict) -> None:
     rows = json.loads(path.read_text()) if path.is_file() else []
     rows.append(row)
     path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def tune_aio(folder: Path, mib: int = 512) -> list[dict]:
+    """DeepSpeed's async_io handle writing and reading one `mib` MiB pinned tensor (O_DIRECT) with each
+    block size x queue depth -> results/aio_tune.json; zero3_nvme.json's "aio" takes the best."""
+    import torch
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    aio = AsyncIOBuilder().load(verbose=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = str(folder / "aio_tune.swp")
+    buf = torch.randn(mib * 2**19, dtype=torch.bfloat16)
+    rows = []
+    for block in (256 * 1024, 1024 * 1024, 4 * 1024 * 1024):
+        for depth in (4, 8, 32):
+            h = aio.aio_handle(block, depth, False, True, 1)
+            t = time.time()
+            h.sync_pwrite(buf, path)
+            w = time.time() - t
+            t = time.time()
+            h.sync_pread(buf, path)
+            r = time.time() - t
+            rows.append({"block_size": block, "queue_depth": depth, "write_gb_s": round(mib * 2**20 / w / 1e9, 3),
+                         "read_gb_s": round(mib * 2**20 / r / 1e9, 3)})
+            print(f"[aio] block {block >> 10} KiB, queue {depth}: write {rows[-1]['write_gb_s']} GB/s, "
+                  f"read {rows[-1]['read_gb_s']} GB/s", flush=True)
+    os.remove(path)
+    (RESULTS / "aio_tune.json").write_text(json.dumps({"what": tune_aio.__doc__.split("\n")[0], "mib": mib,
+                                                       "folder": str(folder), "rows": rows}, indent=1) + "\n")
+    return rows
 
 
 # The measured runs' backbones (LlamaConfig fields): bench_scale's shapes and SmolLM2-135M's config.
@@ -244,11 +298,10 @@ def _measured_rows() -> list[dict]:
             continue
         anon = [r.get("peak_anon_bytes_train") for r in cell["ranks"]]
         kind = "peak_anon_train" if all(anon) else "peak_rss"
-        one_file = cell["model"] == "llama-1.1b-random" and cell["world_size"] == 1  # saved whole then (2.07 GB)
         out.append({"source": "scale.json", "cell": cell["cell"], "model": cell["model"], "ds": cell["ds_config"],
                     "ranks": cell["world_size"], "method": cell["method"], "measured_kind": kind,
                     "measured_bytes": max(anon) if kind == "peak_anon_train" else cell["peak_rss_bytes_max"],
-                    "weight_file_bytes": 2_069_024_768 if one_file else 200 * 10**6, "prefetch_off": True})
+                    "prefetch_off": True})
     doc = json.loads((RESULTS / "scale_memory.json").read_text())
     for run in doc["runs"]:
         glibc = run["malloc"] == "glibc default"
@@ -256,7 +309,7 @@ def _measured_rows() -> list[dict]:
         out.append({"source": "scale_memory.json", "cell": run["run"], "model": "llama-300m-random", "ds": "zero3",
                     "ranks": run["world_size"], "method": "prompt", "measured_kind": "peak_anon_train",
                     "measured_bytes": max(r["peak_anon_bytes_train"] for r in run["ranks"]),
-                    "weight_file_bytes": 200 * 10**6, "prefetch_off": off or run["world_size"] == 1,
+                    "prefetch_off": off or run["world_size"] == 1,
                     **({"excluded": "glibc's default allocator kept what ZeRO-3 freed (fixed since by "
                                     "env.return_freed_memory); the planner models the fixed runtime"}
                        if glibc and run["world_size"] > 1 else {})})
@@ -281,7 +334,7 @@ def plan_vs_measured(path: Path) -> list[dict]:
                       checkpointing=False, offload_param="cpu" if m["ds"] == "zero3_offload" else None,
                       offload_optimizer="cpu" if m["ds"] == "zero3_offload" else None,
                       gather_one_at_a_time=m["prefetch_off"], trainable=trainable, on_gpu=False,
-                      weight_file_bytes=m["weight_file_bytes"])
+                      weight_file_bytes=2 * shape.params)  # every model was saved in bf16
         plan = estimate(shape, setup)
         planned = plan.host_train_bytes if m["measured_kind"] == "peak_anon_train" else plan.host_peak_bytes
         rows.append({**m, "shape": asdict(shape), "setup": asdict(setup), "planned_bytes": planned,
@@ -313,9 +366,17 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", type=lambda s: s.lower() == "true", default=True)
     ap.add_argument("--out", default=str(RESULTS / "scale_large.json"))
     ap.add_argument("--keep", action="store_true", help="keep the model files")
+    ap.add_argument("--replan", action="store_true", help="only recompute the planner's columns of --out")
+    ap.add_argument("--tune_aio", action="store_true", help="only measure aio block size x queue depth under --scratch")
     ap.add_argument("--plan_vs_measured", action="store_true",
                     help="only write results/plan_vs_measured.json from the measured results")
     args = ap.parse_args(argv)
+    if args.replan:
+        replan(Path(args.out))
+        return
+    if args.tune_aio:
+        tune_aio(Path(args.scratch or "/tmp") / "aio_tune")
+        return
     if args.plan_vs_measured:
         plan_vs_measured(RESULTS / "plan_vs_measured.json")
         return
@@ -332,7 +393,9 @@ def main(argv=None) -> None:
                 free = shutil.disk_usage(scratch).free
                 print(f"[large] writing the {shape} model ({free / 2**30:.0f} GiB free under {scratch})", flush=True)
                 t = time.time()
-                n = write_random_llama(shape, scratch / f"llama-{shape}")
+                done = scratch / f"llama-{shape}" / "DONE"
+                n = int(done.read_text()) if done.is_file() else write_random_llama(shape, scratch / f"llama-{shape}")
+                done.write_text(str(n))
                 models[shape] = (str(scratch / f"llama-{shape}"), n)
                 print(f"[large] {shape}: {n:,} parameters written in {time.time() - t:.0f} s", flush=True)
             row = run_one(shape, models[shape][1], models[shape][0], ds, method, int(steps), data, scratch, args)

@@ -9,7 +9,9 @@ config.json alone (no weights), with docs/scaling.md's arithmetic:
 * activations (Korthikanti et al. 2022, SDPA/flash attention, 16-bit): ℓ·B·L·d·34 bytes, or with activation
   checkpointing the layer inputs ℓ·B·L·d·b plus one layer's B·L·d·34 recomputed;
 * runtime: CUDA context + NCCL on a GPU; torch/DeepSpeed/tokenizer/MLflow per process on the host;
-* the load transient: under ZeRO-3 each rank reads every weight file whole, so the largest file.
+* the load: transformers maps every weight file while it loads (each rank reads each file whole under
+  ZeRO-3), so a process's RSS holds all of them until the load ends (file-backed pages, which the kernel
+  can drop: RSS, not a requirement) on top of its shard and the swap buffers.
 
     infoprompt plan --model_name_or_path DIR [train flags] [--ranks N] [--json true] [--table true]
 
@@ -62,7 +64,7 @@ class Setup:
     trainable: int
     on_gpu: bool
     swap_buffer_bytes: int = 0  # nvme: buffer_count x buffer_size, pinned host memory
-    weight_file_bytes: int = 0  # the largest weight file (the ZeRO-3 load transient); 0 when unknown
+    weight_file_bytes: int = 0  # all weight files (mapped while loading); 0 when unknown
 
 
 @dataclass
@@ -71,9 +73,9 @@ class Plan:
     device: dict[str, int] = field(default_factory=dict)
     host: dict[str, int] = field(default_factory=dict)
     device_peak_bytes: int = 0
-    host_peak_bytes: int = 0  # max(host_train_bytes, host_load_bytes)
-    host_train_bytes: int = 0
-    host_load_bytes: int = 0
+    host_peak_bytes: int = 0  # max(host_train_bytes, host_load_bytes): the RSS peak
+    host_train_bytes: int = 0  # anonymous memory in training (what the OOM killer counts)
+    host_load_bytes: int = 0  # RSS while loading, the mapped weight files included
     host_total_bytes: int = 0
     nvme_bytes: int = 0
     ranks: int = 1
@@ -119,10 +121,10 @@ def estimate(s: Shape, u: Setup) -> Plan:
                 nvme_bytes=whole if u.offload_param == "nvme" else 0)
     plan.device_peak_bytes = sum(device.values())
     host_train = sum(host.values()) + (0 if u.on_gpu else plan.device_peak_bytes)
-    # Loading: every rank reads each weight file whole (ZeRO-3) next to what it already holds.
+    # Loading: the weight files are mapped (RSS) next to the shard, the runtime and the swap buffers.
     held = shard if (u.offload_param != "nvme" and (not u.on_gpu or u.offload_param == "cpu")) else 0
-    host_load = (RUNTIME_GPU_HOST if u.on_gpu else RUNTIME_CPU) + held + u.weight_file_bytes
-    host["load_transient"] = u.weight_file_bytes
+    host_load = (RUNTIME_GPU_HOST if u.on_gpu else RUNTIME_CPU) + held + host["swap_buffers"] + u.weight_file_bytes
+    host["load_mapped_files"] = u.weight_file_bytes
     plan.host_train_bytes, plan.host_load_bytes = int(host_train), int(host_load)
     plan.host_peak_bytes = max(plan.host_train_bytes, plan.host_load_bytes)
     plan.host_total_bytes = plan.host_peak_bytes * n
@@ -152,11 +154,11 @@ def trainable_params(cfg, hidden: int, n_labels: int = 2) -> int:
     return t
 
 
-def largest_weight_file(model_path: str) -> int:
-    """Size of the largest *.safetensors / *.bin in a local model folder (a stat, nothing read); 0 else."""
+def weight_files_bytes(model_path: str) -> int:
+    """Total size of the *.safetensors / *.bin files of a local model folder (a stat, nothing read); 0 else."""
     p = Path(model_path)
     files = [f for pat in ("*.safetensors", "*.bin") for f in p.glob(pat)] if p.is_dir() else []
-    return max((f.stat().st_size for f in files), default=0)
+    return sum(f.stat().st_size for f in files)
 
 
 def setup_of(cfg, ds: dict[str, Any], ranks: int, shape: Shape, on_gpu: bool, file_bytes: int = 0) -> Setup:
@@ -227,7 +229,7 @@ def plan_run(cfg, ds: dict[str, Any], model_config, ranks: int) -> Plan:
 
     shape = shape_of(model_config)
     _, on_gpu = device_memory(cfg)
-    files = largest_weight_file(resolve_model_path(cfg.model_name_or_path)) if (ds.get("zero_optimization") or {}).get("stage") == 3 else 0
+    files = weight_files_bytes(resolve_model_path(cfg.model_name_or_path))
     return estimate(shape, setup_of(cfg, ds, ranks, shape, on_gpu, files))
 
 
