@@ -82,7 +82,9 @@ def set_trainable(engine, tensors: dict[str, Any]) -> None:
 
 
 def backbone_shard_report(model, rank: int, world: int) -> dict[str, int]:
-    """How much of the frozen backbone this rank holds: under ZeRO-3 about 1/world of it."""
+    """How much of the frozen backbone this rank holds (under ZeRO-3 about 1/world of it), and in which
+    dtype (bfloat16 with --bf16, also on CPU)."""
     params = list(model.backbone.parameters())
     return {"rank": rank, "world_size": world, "backbone_params_total": sum(full_numel(p) for p in params),
-            "backbone_params_local": sum(local_numel(p) for p in params)}
+            "backbone_params_local": sum(local_numel(p) for p in params),
+            "backbone_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params})}

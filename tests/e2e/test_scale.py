@@ -6,6 +6,7 @@ bf16 with fp32 trainables. The prompt's gradient itself: tests/unit/test_checkpo
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -69,3 +70,56 @@ def test_a_class_that_cannot_checkpoint_is_refused_before_loading(tiny_bert, sen
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: gradient_checkpointing: ") and "MPNet" in lines[0], lines
     assert not (out / "config.json").exists()
+
+
+def test_bf16_on_cpu_stores_bf16_weights_and_keeps_fp32_trainables(tiny_llama, sentiment_files, tmp_path):
+    """--bf16 true on CPU (DeepSpeed's CPU accelerator, ZeRO-3): the frozen weights are held in bf16 and the
+    matmuls run in bf16, while the optimizer keeps fp32 masters of the trainables, and the export is those
+    masters: trained values that bf16 cannot represent (a bf16 copy cast to fp32 could not have them)."""
+    out = tmp_path / "bf16"
+    _ok(run_cli(tiny_args(tiny_llama, sentiment_files, out, bf16="true", method="prompt", max_steps=12,
+                          eval_steps=12)))
+    assert json.loads((out / "ranks" / "rank0.json").read_text())["backbone_dtypes"] == ["bfloat16"]
+    assert json.loads((out / "ds_config.json").read_text())["bf16"]["enabled"] is True
+    tensors = load_file(str(out / "export" / "infoprompt.safetensors"))
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+    assert (tensors["prompt.weight"] != tensors["prompt.weight"].bfloat16().float()).any()
+    losses = _losses(out)
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+def test_bench_bf16_smoke(tiny_llama, tmp_path):
+    """benchmarks/bench_bf16.py on the tiny Llama: both engines built, pairs timed, the file written (no timing
+    asserted)."""
+    import sys
+
+    from conftest import assert_results_meta
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_bf16
+
+    out = tmp_path / "bf16.json"
+    bench_bf16.main(["--model_path", tiny_llama, "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert_results_meta(doc)
+    (row,) = doc["rows"]
+    assert row["backbone_dtypes"] == {"fp32": ["torch.float32"], "bf16": ["torch.bfloat16"]}
+    assert len(row["ratio_bf16_to_fp32_pairs"]) == 2 and row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
+    assert all(math.isfinite(v) for v in row["first_step_loss"].values())
+
+
+def test_bench_checkpointing_smoke(tmp_path):
+    """benchmarks/bench_checkpointing.py, one 1-rank ZeRO-3 cell: both runs, their equality, the gather counts."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ckpt.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_checkpointing.py"), "--cells",
+                           "llama-tiny:zero3:1", "--steps", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "INFOPROMPT_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert cell["equal_within_1e-5"] and cell["plain"]["returncode"] == cell["checkpointed"]["returncode"] == 0
+    assert cell["checkpointed"]["ranks"][0]["backwards"] == 2 and "gathers" in cell["checkpointed"]["ranks"][0]
