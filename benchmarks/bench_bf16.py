@@ -37,8 +37,8 @@ from common import MINILM, RESULTS, ROOT, matmul_peak, write_results  # noqa: E4
 
 # name -> (model, batch, seq_len, n_virtual_tokens, timed steps per block, pairs)
 MODELS = {
-    "minilm": (MINILM, 8, 64, 16, 3, 5),
-    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", 2, 48, 16, 3, 5),
+    "minilm": (MINILM, 8, 64, 16, 3, 9),
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", 2, 48, 16, 3, 7),
     "llama-1.1b-random": ("1.1b", 2, 32, 8, 1, 3),
 }
 RT_LABELS, RT_WORDS = ["rotten", "fresh"], {"rotten": "bad", "fresh": "good"}
