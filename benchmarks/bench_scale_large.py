@@ -161,12 +161,33 @@ def planned_host_gib(flags: dict) -> tuple[float, float] | None:
 
 
 def add_plan(row: dict, planned: tuple[float, float] | None) -> dict:
+    if row.get("world_size") == 1 and row.get("peak_rss_gib_rank0", 0) > row["measured_peak_gib"]:
+        row["measured_peak_gib"] = row["peak_rss_gib_rank0"]  # the kernel's high-water mark beats 0.5 s samples
     if planned is not None:
         row["planned_peak_gib"], row["planned_anon_train_gib"] = round(planned[0], 3), round(planned[1], 3)
         row["plan_error"] = round(planned[0] / row["measured_peak_gib"] - 1, 3)
         if row.get("peak_anon_gib_train"):
             row["plan_error_anon_train"] = round(planned[1] / row["peak_anon_gib_train"] - 1, 3)
     return row
+
+
+def markdown(path: Path) -> str:
+    """results/scale_large.json as docs/scaling.md's table."""
+    out = ["| backbone | DeepSpeed json | checkpointing | method | steps | s/step (each) | load s | peak RSS GiB "
+           "(planned, error) | peak anon in training GiB (planned, error) | offload_dir GiB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in json.loads(path.read_text()):
+        if r["returncode"] != 0:
+            out.append(f"| {r['shape']} | {r['ds_config']} | {r['gradient_checkpointing']} | {r['method']} | failed "
+                       f"(rc {r['returncode']}) | | | | | |")
+            continue
+        out.append(f"| {r['shape']} ({r['params'] / 1e9:.2f}B) | {r['ds_config']} | {str(r['gradient_checkpointing']).lower()} "
+                   f"| {r['method']} | {r['steps_done']} | {', '.join(str(x) for x in r['s_per_step_all'])} "
+                   f"| {r.get('load_s', 0):.0f} | {r['measured_peak_gib']:.2f} ({r.get('planned_peak_gib', 0):.2f}, "
+                   f"{r.get('plan_error', 0):+.0%}) | {r.get('peak_anon_gib_train', 0):.2f} "
+                   f"({r.get('planned_anon_train_gib', 0):.2f}, {r.get('plan_error_anon_train', 0):+.0%}) "
+                   f"| {r['offload_dir_peak_bytes'] / GIB:.1f} |")
+    return "\n".join(out)
 
 
 def replan(path: Path) -> None:
@@ -366,11 +387,15 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", type=lambda s: s.lower() == "true", default=True)
     ap.add_argument("--out", default=str(RESULTS / "scale_large.json"))
     ap.add_argument("--keep", action="store_true", help="keep the model files")
+    ap.add_argument("--markdown", action="store_true", help="only print --out as docs/scaling.md's table")
     ap.add_argument("--replan", action="store_true", help="only recompute the planner's columns of --out")
     ap.add_argument("--tune_aio", action="store_true", help="only measure aio block size x queue depth under --scratch")
     ap.add_argument("--plan_vs_measured", action="store_true",
                     help="only write results/plan_vs_measured.json from the measured results")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(Path(args.out)))
+        return
     if args.replan:
         replan(Path(args.out))
         return
