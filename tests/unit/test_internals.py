@@ -108,3 +108,17 @@ def test_mlflow_system_metrics_monitor_parts_tracking_samples_with(tmp_path):
     assert isinstance(monitor.aggregate_metrics(), dict)
     for m in monitor.monitors:
         m.clear_metrics()
+
+
+def test_transformers_checkpointing_internals(tiny_llama):
+    """--gradient_checkpointing: the auto-mapping lookup pre-flight uses, the per-layer checkpointing base, and
+    the `_gradient_checkpointing_func` attribute internals.checkpoint_layers_in_eval_mode wraps."""
+    from transformers import AutoConfig, AutoModel, LlamaModel, MPNetConfig
+
+    assert internals.model_class_for(AutoModel, AutoConfig.from_pretrained(tiny_llama)) is LlamaModel
+    assert internals.model_class_for(AutoModel, MPNetConfig()).supports_gradient_checkpointing is False
+    base = internals.checkpointing_layer_class()
+    assert base is not None and "_gradient_checkpointing_func" in inspect.getsource(base)
+    model = LlamaModel.from_pretrained(tiny_llama)
+    layers = internals.checkpoint_layers_in_eval_mode(model, {"use_reentrant": False})
+    assert layers == list(model.layers) and all(layer.gradient_checkpointing for layer in layers)
