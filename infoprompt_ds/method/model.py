@@ -237,12 +237,14 @@ class InfoPromptModel(nn.Module):
 def enable_checkpointing(backbone: nn.Module) -> list[nn.Module]:
     """--gradient_checkpointing: every layer of the frozen backbone keeps only its input in the forward and
     is recomputed in the backward (under ZeRO-3 the recomputation gathers the layer's weights again).
-    Non-reentrant (use_reentrant=False), as torch recommends: the reentrant form gives a checkpointed block
-    a gradient only through positional inputs that require grad, so with a frozen backbone it is silently
-    zero wherever the trainable tensor does not enter as such (it does here: the prompt is in the layer's
-    hidden_states, and tests/unit/test_checkpointing.py checks the prompt's gradient); the non-reentrant
-    form differentiates whatever the recomputed forward touches. The layers run in eval mode in both
-    passes (internals.checkpoint_layers_in_eval_mode); returns them, for train() to open the gate."""
+    Non-reentrant (use_reentrant=False), as torch recommends. The known trap of the reentrant form: it passes
+    gradient to a checkpointed block only through positional tensor inputs that require grad, so with a frozen
+    backbone it is silently zero wherever the trainable part does not enter that way (adapters inside frozen
+    layers, a frozen embedding output). Here the prompt does enter every layer through hidden_states, and the
+    reentrant form gave the same gradient (measured: bitwise, plain torch and 2-rank ZeRO-3); non-reentrant
+    stays correct without that condition (kwargs, future trainable parts inside the layers).
+    tests/unit/test_checkpointing.py checks the prompt's gradient. The layers run in eval mode in both passes
+    (internals.checkpoint_layers_in_eval_mode); returns them, for train() to open the gate."""
     layers = checkpoint_layers_in_eval_mode(backbone, {"use_reentrant": False})
     if not layers:  # pre-flight refuses such a class before loading; this is the backstop
         raise ConfigError("gradient_checkpointing", f"{type(backbone).__name__} has no per-layer activation "
