@@ -72,7 +72,7 @@ def arms_table(paths: list[Path], pairs: tuple[tuple[str, str], ...] = ()) -> li
             if r["status"] == "finished":
                 arm = cells.setdefault((r["dataset"], r["backbone"], r["k"]), {}).setdefault(r["method"], {})
                 arm.setdefault(r["seed"], r)  # the first file's run wins
-    lines = [f"from {p.name} (trained at {d['meta']['git']['commit'][:7]})" for p, d in zip(paths, docs)] + [""]
+    lines = [f"from {p.name} (trained at {(d['meta']['git']['commit'] or 'unknown')[:7]})" for p, d in zip(paths, docs)] + [""]
     for (dataset, backbone, k), by in sorted(cells.items()):
         lines += [f"{dataset} / {backbone} / k={k}", "",
                   "| arm | flags | seeds | test (mean ± std) | control | control test | paired diff (seeds up) | "

@@ -33,7 +33,8 @@ def git_info() -> dict[str, Any]:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
         except Exception:
             return ""
-    return {"commit": git("rev-parse", "HEAD") or None,
+    # "unknown" outside a git checkout (a release archive): the results still record where they came from
+    return {"commit": git("rev-parse", "HEAD") or "unknown",
             # results files are outputs, not code: a cell re-run with one more arm rewrites its own tracked plot
             # just before its json, which must not mark the code it ran as modified
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
