@@ -223,11 +223,17 @@ def _with(cfg, **over):
     return out
 
 
-def plan_run(cfg, ds: dict[str, Any], model_config, ranks: int) -> Plan:
-    """The estimate for this run (pre-flight and `infoprompt plan`)."""
+def plan_run(cfg, ds: dict[str, Any], model_config, ranks: int, strict: bool = True) -> Optional[Plan]:
+    """The estimate for this run (pre-flight and `infoprompt plan`). Not strict (pre-flight): None where
+    AutoModel cannot build the backbone from its config; the run's own loader may still know it."""
     from infoprompt_ds.backbone import resolve_model_path
 
-    shape = shape_of(model_config)
+    try:
+        shape = shape_of(model_config)
+    except Exception:  # noqa: BLE001 - an estimate is advice; never the reason a run fails
+        if strict:
+            raise
+        return None
     _, on_gpu = device_memory(cfg)
     files = weight_files_bytes(resolve_model_path(cfg.model_name_or_path))
     return estimate(shape, setup_of(cfg, ds, ranks, shape, on_gpu, files))
@@ -296,7 +302,13 @@ def main(argv: list[str]) -> None:
         model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name_or_path))
     except Exception as e:
         raise ConfigError("model_name_or_path", f"cannot load {cfg.model_name_or_path!r}: {one_line(e)}")
-    plan = plan_run(cfg, load_ds_config(cfg.deepspeed), model_config, int(ranks))
+    try:
+        plan = plan_run(cfg, load_ds_config(cfg.deepspeed), model_config, int(ranks))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config AutoModel cannot build: one line, not a traceback
+        raise ConfigError("model_name_or_path", f"cannot build {model_config.model_type!r} from its config to "
+                          f"count its parameters: {one_line(e)}")
     memory, on_gpu = device_memory(cfg)
     choice, ckpt, chosen = pick(cfg, shape_of(model_config), int(ranks), memory, on_gpu)
     if as_json.lower() == "true":

@@ -88,9 +88,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     micro_per_epoch, total_steps = plan_steps(cfg, len(data.splits["train"]), world)
     ds_config = fill_ds_config(ds_raw, cfg, world, total_steps, model_config.hidden_size,
                                largest_weight=getattr(model_config, "vocab_size", 0) * model_config.hidden_size)
-    estimate = plan_run(cfg, ds_config, model_config, world)
+    estimate = plan_run(cfg, ds_config, model_config, world, strict=False)  # None: a backbone it cannot build
     preflight.report_plan(cfg, estimate)
-    preflight.check_offload(cfg, ds_config, estimate.nvme_bytes)
+    preflight.check_offload(cfg, ds_config, estimate.nvme_bytes if estimate else 0)
     lock = outdir.lock_output_dir(cfg, rank)  # last: held until the process ends
     return Prepared(rank, local_rank, world, model_config, tokenizer, data, micro_per_epoch, total_steps,
                     ds_config, resume, identity, lock)
