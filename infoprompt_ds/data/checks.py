@@ -47,6 +47,20 @@ def _check_record(rec, where: str, field_name: str, columns: Iterable[str]) -> N
                               f"expected text or a number")
 
 
+_COLUMN_FLAGS = ("text_column", "text_pair_column", "label_column")
+
+
+def _check_names(where: str, found: list[str], columns: list[Optional[str]]) -> None:
+    """Every missing column in one line, with the columns found and the flags that map them: one round trip.
+    The error names the first missing column's flag (the field to fix), the message names the file."""
+    missing = [(flag, col) for flag, col in zip(_COLUMN_FLAGS, columns) if col and col not in found]
+    if missing:
+        expected = ", ".join(f"{col!r} (--{flag})" for flag, col in zip(_COLUMN_FLAGS, columns) if col)
+        fix = " ".join(f"--{flag} <column>" for flag, _ in missing)
+        raise ConfigError(missing[0][0], f"{where}: no column {' or '.join(repr(c) for _, c in missing)}; found "
+                          f"{', '.join(map(repr, found)) or 'none'}; expected {expected}; map them with {fix}")
+
+
 def check_classification_file(path: str, field_name: str, columns: list[Optional[str]]) -> None:
     """columns: the text, text-pair and label column names (None: unused)."""
     p = Path(path)
@@ -63,6 +77,7 @@ def check_classification_file(path: str, field_name: str, columns: list[Optional
                 raise ConfigError(field_name, f"{p}:1: column {name!r} appears twice in the header; rename one")
             if name != name.strip():
                 raise ConfigError(field_name, f"{p}:1: header column {name!r} has surrounding spaces; remove them")
+        _check_names(f"{p}:1", names, columns)
     elif suffix == ".jsonl":
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -72,6 +87,8 @@ def check_classification_file(path: str, field_name: str, columns: list[Optional
             except ValueError as e:
                 raise ConfigError(field_name, f"{p}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})")
             _check_record(rec, f"{p}:{lineno}", field_name, cols)
+            if lineno == 1:
+                _check_names(f"{p}:1", list(rec), columns)
     elif suffix == ".json":
         try:
             data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
