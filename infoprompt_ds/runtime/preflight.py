@@ -192,7 +192,7 @@ def _hub_reachable(timeout: float = 3.0) -> Optional[str]:
 
 
 def check_model_path(cfg: TrainConfig) -> None:
-    from infoprompt_ds.backbone import resolve_model_path
+    from infoprompt_ds.backbone import did_you_mean, resolve_model_path
 
     name = resolve_model_path(cfg.model_name_or_path)
     p = Path(name).expanduser()
@@ -205,7 +205,7 @@ def check_model_path(cfg: TrainConfig) -> None:
                               f"...); save the tokenizer there too (tokenizer.save_pretrained)")
         return
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise ConfigError("model_name_or_path", f"{name} not found (no such folder)")
+        raise ConfigError("model_name_or_path", f"{name} not found (no such folder){did_you_mean(name)}")
     try:  # a hub name: fine when cached; else fail now rather than after the hub client's retries
         from huggingface_hub import try_to_load_from_cache
 
@@ -217,7 +217,7 @@ def check_model_path(cfg: TrainConfig) -> None:
     why = f"{offline[0]} is set" if offline else _hub_reachable()
     if why:
         raise ConfigError("model_name_or_path", f"{name!r} is not a local folder nor in the Hugging Face cache, and "
-                          f"{why}; give a local model folder")
+                          f"{why}; give a local model folder{did_you_mean(name)}")
 
 
 def check_tokenizer(cfg: TrainConfig, tokenizer) -> None:
