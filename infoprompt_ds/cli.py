@@ -3,6 +3,7 @@
     infoprompt train   --deepspeed ds_configs/zero3.json [--key value ...]   (= train.py, infoprompt-train)
     infoprompt predict --export outputs/run/best --text "..."                (= infoprompt-predict)
     infoprompt sweep   --config sweeps/rt_64shot.yaml                        (= infoprompt-sweep)
+                       (the example ships in the package: `--config rt_64shot` finds it from any folder)
     infoprompt compare --experiment NAME                                     (= infoprompt-compare)
     infoprompt mlflow  import OUTPUT_DIR                                     (= infoprompt-mlflow)
     infoprompt plan    --model_name_or_path DIR [train flags] [--ranks N]     (memory planner; no weights)

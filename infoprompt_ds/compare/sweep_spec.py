@@ -109,10 +109,23 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def packaged_sweep(path: str) -> str:
+    """`rt_64shot` or `sweeps/rt_64shot.yaml` outside a checkout: the example the package ships (what
+    `infoprompt --help` names); any existing file, or an unknown name, is returned unchanged."""
+    if Path(path).is_file():
+        return path
+    shipped = Path(__file__).resolve().parents[1] / "sweeps" / Path(path).name
+    for candidate in (shipped, shipped.with_name(shipped.name + ".yaml")):
+        if candidate.is_file():
+            return str(candidate)
+    return path
+
+
 def load_spec(path: str, overrides: Optional[dict[str, Any]] = None, tracking_uri: Optional[str] = None,
               output_root: Optional[str] = None) -> SweepSpec:
     from infoprompt_ds.config_load import _HINTS
 
+    path = packaged_sweep(path)
     raw = load_config_file(path)
     known = {"name", "experiment", "output_root", "launcher", "tracking_uri", "base", "grid", "run_timeout_s"}
     for key in raw:
