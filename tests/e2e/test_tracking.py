@@ -153,7 +153,7 @@ def test_two_ranks_server_killed_mid_run_then_resume_same_run(server, tiny_bert,
     exp = client.get_experiment_by_name("ranks")
     assert [x.info.run_id for x in client.search_runs([exp.experiment_id])] == [run_id]  # rank 1 opened none
     assert steps(client, run_id, "train/loss") == list(range(1, 9))  # no step lost, none twice
-    assert steps(client, run_id, "eval/accuracy") == [2, 4, 6, 8]
+    assert steps(client, run_id, "eval/accuracy") == [0, 2, 4, 6, 8]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "test/accuracy" in run.data.metrics
     assert run.data.params["world_size"] == "2"
@@ -174,7 +174,7 @@ def test_two_ranks_server_killed_mid_run_then_resume_same_run(server, tiny_bert,
 
 PARALLEL_RUN = """
 import sys, time
-from infoprompt_ds.tracking import Tracker
+from infoprompt_ds.tracking.client import Tracker
 out, start_at = sys.argv[1], float(sys.argv[2])
 time.sleep(max(0.0, start_at - time.time()))  # all processes touch the fresh store at the same moment
 t = Tracker(enabled=True)
@@ -228,7 +228,7 @@ def test_training_run_is_complete_in_mlflow(server, tiny_bert, sentiment_files, 
     client = MlflowClient(server.uri)
     run = client.get_run(result["mlflow_run_id"])
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    assert run.info.run_name == "infoprompt-tiny-train-full-s3"
+    assert run.info.run_name == "infoprompt-s3-full-tiny-train"  # method, seed, k first: visible when cut short
     for key in ("mlflow.source.name", "mlflow.source.git.commit", "mlflow.user", "mlflow.source.type"):
         assert tags.get(key), f"tag {key} missing: {sorted(tags)}"
     assert tags["mlflow.source.name"].endswith("train.py")
@@ -246,6 +246,11 @@ def test_training_run_is_complete_in_mlflow(server, tiny_bert, sentiment_files, 
     # The weights behind the test metrics.
     assert metrics["best_step"] == result["best_step"]
     assert metrics["best_validation_accuracy"] == pytest.approx(result["best_validation_accuracy"])
+    # The headline under best/ (first in the UI's alphabetical lists) and in the run's description.
+    assert metrics["best/validation_accuracy"] == pytest.approx(result["best_validation_accuracy"])
+    assert metrics["best/test_accuracy"] == pytest.approx(result["test"]["accuracy"])
+    assert metrics["best/step"] == result["best_step"] and sorted(metrics)[:3] == sorted(k for k in metrics if k.startswith("best/"))
+    assert tags["mlflow.note.content"].startswith(f"test accuracy {result['test']['accuracy']:.4f}, validation accuracy")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"best", "export", "metrics.json"}
     best_files = {a.path for a in client.list_artifacts(run.info.run_id, "best")}
     assert "best/infoprompt.safetensors" in best_files

@@ -114,11 +114,13 @@ def prepare_in_process(argv: list[str], env: dict | None = None) -> tuple[object
     import io
 
     from infoprompt_ds import cli
+    from infoprompt_ds.env import setup_environment
     from infoprompt_ds.runtime import train_loop as tl
+    from infoprompt_ds.runtime.prepare import prepare
 
     def first_half(cfg):
-        tl.setup_environment()
-        prep = tl.prepare(cfg)
+        setup_environment()
+        prep = prepare(cfg)
         if prep.lock is not None:
             prep.lock.close()
         raise Accepted()

@@ -169,7 +169,7 @@ def test_corrupt_store_and_bad_settings_fail_before_training(tmp_path, tiny_bert
 
 HOLD_RUN = """
 import sys, time
-from infoprompt_ds.tracking import Tracker
+from infoprompt_ds.tracking.client import Tracker
 t = Tracker(enabled=True)
 print(t.start("dead", sys.argv[1], "victim", None, {}), flush=True)
 t.log_metrics({"train/loss": 1.0}, 1)
