@@ -169,3 +169,11 @@ def did_you_mean(name: str) -> str:
         close = [by_short[c] for c in difflib.get_close_matches(name.split("/")[-1].lower(), list(by_short), n=2,
                                                                 cutoff=0.75)]
     return f" (did you mean {' or '.join(close)}?)" if close and name not in close else ""
+
+
+def local_backbone_path(name: str) -> str | None:
+    """The local folder a backbone name resolved to (the packaged default, a converted GGUF, a folder), as an
+    absolute path; None for a hub name from_pretrained fetches. Exports record it beside the name, so plain
+    transformers/PEFT can load the same weights offline."""
+    p = Path(resolve_model_path(name)).expanduser()
+    return str(p.resolve()) if p.is_dir() else None

@@ -187,7 +187,7 @@ class TrainConfig:
         "latest (newest complete checkpoint in output_dir/checkpoints) or a checkpoint folder path.")})
     # --- tracking: MLflow ---------------------------------------------------------------------------
     mlflow_experiment: str = field(default="infoprompt", metadata={"identity": False, "help": "MLflow experiment name."})
-    run_name: Optional[str] = field(default=None, metadata={"identity": False, "help": "MLflow run name (default: method-backbone-task-kshot-seed, e.g. infoprompt-minilm-rt-k64-s0)."})
+    run_name: Optional[str] = field(default=None, metadata={"identity": False, "help": "MLflow run name (default: method-seed-kshot-backbone-task, e.g. infoprompt-s0-k64-minilm-rt)."})
     system_metrics: bool = field(default=False, metadata={"identity": False, "help": (
         "Log system/* metrics (CPU, memory, disk, network, GPU) to MLflow every "
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (default 10).")})

@@ -179,9 +179,10 @@ def expand(spec: SweepSpec) -> list[Cell]:
         cell = Cell(values=values, args=args)
         args.update(output_dir=str(spec.output_root / cell.slug), mlflow_experiment=spec.experiment)
         cfg = parse_config(to_argv(args))  # raises ConfigError naming the field
-        # Method first (infoprompt-minilm-rt-k64-s0), then the grid values the name does not show yet.
+        # What tells the cells apart first (infoprompt-s0-k64-lr=0.01-minilm-rt): method, seed, k, then the
+        # grid values the name does not show yet, before backbone and task, which a sweep rarely varies.
         extra = [f"{k}={v}" for k, v in values.items() if k not in ("method", "seed", "k_shot")]
-        args["run_name"] = "-".join([run_name_for(cfg)] + [re.sub(r"[^A-Za-z0-9_.=]+", "_", x) for x in extra])
+        args["run_name"] = run_name_for(cfg, tuple(re.sub(r"[^A-Za-z0-9_.=]+", "_", x) for x in extra))
         cells.append(cell)
     return cells
 

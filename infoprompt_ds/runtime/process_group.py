@@ -101,3 +101,42 @@ def unlink_deepspeed_shm(rank: int, world: int) -> None:
     path = Path(SHM_SEGMENT.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
                                    port=os.environ.get("MASTER_PORT", ""), rank=rank))
     path.unlink(missing_ok=True)
+
+
+# Measured on the 2-core CI box: a cold build of the op takes about two minutes (issue 36: 1 min 47 s).
+SHM_OP_BUILD = "~2 min on 2 cores"
+
+
+def shm_op_build_dir() -> Path | None:
+    """Where torch's JIT loader will build DeepSpeed's CPU communication op (deepspeed_shm_comm), which
+    deepspeed.init_distributed compiles on CPU the first time in a fresh environment, silently; None when
+    it is not needed or already there (cached in the torch-extensions folder, or prebuilt at install with
+    DS_BUILD_SHM_COMM=1)."""
+    try:
+        import sys
+
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import get_default_build_root
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False) \
+                or installed_ops.get(builder.NAME):
+            return None
+        # torch.utils.cpp_extension's layout (_get_build_directory): $TORCH_EXTENSIONS_DIR/<name>/<name>.so,
+        # else <default root>/py<major><minor><abiflags>_cpu/<name>/<name>.so
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(get_default_build_root()) / \
+            f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_cpu"
+        folder = Path(root) / builder.NAME
+        return None if (folder / f"{builder.NAME}.so").is_file() else folder
+    except Exception:  # noqa: BLE001 - only a message depends on it
+        return None
+
+
+def announce_shm_op_build(rank: int) -> None:
+    """One line before the silent compile (rank 0; the other ranks wait on torch's build lock)."""
+    folder = shm_op_build_dir()
+    if folder is not None and rank == 0:
+        print(f"building DeepSpeed's {folder.name} op once ({SHM_OP_BUILD}, cached in {folder.parent}); "
+              f"later runs skip this", flush=True)

@@ -27,9 +27,10 @@ from infoprompt_ds.runtime.distributed import (backbone_shard_report)
 from infoprompt_ds.env import setup_environment  # noqa: F401  (re-exported: callers that imported it from here)
 from infoprompt_ds.errors import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged  # noqa: F401 (re-exported)
 from infoprompt_ds.internals import full_numel
+from infoprompt_ds.backbone import local_backbone_path
 from infoprompt_ds.io import write_json_atomic
 from infoprompt_ds.runtime.loss_guard import LossGuard
-from infoprompt_ds.runtime.process_group import init_process_group, unlink_deepspeed_shm
+from infoprompt_ds.runtime.process_group import announce_shm_op_build, init_process_group, unlink_deepspeed_shm
 from infoprompt_ds.method.loss import Diagnostics
 from infoprompt_ds.method.model import build_model
 from infoprompt_ds.tracking.run_metadata import run_name_for, run_tags
@@ -107,6 +108,8 @@ def setup(cfg: TrainConfig) -> Run:
     stop = _StopFlag()
     # a store on loopback / in memory, not on every interface; deepspeed then reuses the process group
     init_process_group("nccl" if on_gpu else "gloo", timedelta(minutes=cfg.dist_timeout_minutes))
+    if not on_gpu:
+        announce_shm_op_build(prep.rank)  # the first run in a fresh venv compiles a DeepSpeed op here
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     if not on_gpu:  # DeepSpeed leaves its CPU all-reduce segments in /dev/shm (the op is CPU-only)
@@ -135,7 +138,8 @@ def setup(cfg: TrainConfig) -> Run:
     tracker = Tracker(enabled=prep.rank == 0)
     tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name_for(cfg), client.get("mlflow_run_id"), run_tags(cfg),
                   system_metrics=cfg.system_metrics or None)
-    meta = {"backbone": cfg.model_name_or_path, "labels": prep.data.label_names,
+    meta = {"backbone": cfg.model_name_or_path, "backbone_path": local_backbone_path(cfg.model_name_or_path),
+            "labels": prep.data.label_names,
             "n_virtual_tokens": engine.module.n_virtual_tokens,
             "pooling": engine.module.pooling, "max_length": cfg.max_length, "method": cfg.method,
             "text_column": task.text_column, "text_pair_column": task.text_pair_column,

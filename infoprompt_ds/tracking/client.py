@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from infoprompt_ds.config import ConfigError, one_line
 from infoprompt_ds.errors import fail
-from infoprompt_ds.tracking.run_metadata import (ENV_PARENT, PARENT_TAG, best_metrics, dataset_inputs, env_tags, flatten, resolved_params, standard_tags, tested_weights)
+from infoprompt_ds.tracking.run_metadata import (ENV_PARENT, PARENT_TAG, best_metrics, dataset_inputs, env_tags, flatten, resolved_params, standard_tags, summary_metrics, summary_note, tested_weights)
 from infoprompt_ds.tracking.outbox import LOCAL_REF, PENDING_FILE, Outbox, import_pending, own_pending
 from infoprompt_ds.tracking.store import default_tracking_uri, store_clients
 
@@ -133,9 +133,10 @@ class Tracker:
         validation value as metrics."""
         if not self.enabled:
             return
-        best = best_metrics(result)
+        best = {**best_metrics(result), **summary_metrics(result)}  # best/*: the headline, first in the UI
         if best:
             self.log_metrics(best, int(result.get("global_step") or 0))
+            self.set_tags({"mlflow.note.content": summary_note(result)})
         weights = tested_weights(output_dir, result)
         if weights.name == "best":
             self.log_artifact(weights, "best")

@@ -50,8 +50,10 @@ def task_name(cfg) -> str:
     return str(cfg.dataset)
 
 
-def run_name_for(cfg) -> str:
-    """Method first, so runs read apart in the UI: infoprompt-minilm-rt-k64-s0 (an explicit run_name wins)."""
+def run_name_for(cfg, extra: tuple[str, ...] = ()) -> str:
+    """The parts that tell runs apart first, so the UI's cut-short names still show them: method, seed,
+    k-shot, any `extra` parts (a sweep's other grid values), then backbone and task:
+    infoprompt-s0-k64-minilm-rt (an explicit run_name wins)."""
     if cfg.run_name:
         return cfg.run_name
     words = [w for w in re.split(r"[-_/.]+", Path(str(cfg.model_name_or_path)).name.lower()) if w]
@@ -59,7 +61,7 @@ def run_name_for(cfg) -> str:
     task = task_name(cfg).split("/")[-1]
     task = _TASK_SHORT.get(task, task)
     k = f"k{cfg.k_shot}" if cfg.k_shot else "full"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.method}-{backbone}-{task}-{k}-s{cfg.seed}")
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join([cfg.method, f"s{cfg.seed}", k, *extra, backbone, task]))
 
 
 def run_tags(cfg) -> dict[str, str]:
@@ -179,6 +181,27 @@ def best_metrics(result: dict[str, Any]) -> dict[str, float]:
     """best_step and the best validation value of a finished run's result (what metrics.json holds)."""
     return {k: float(v) for k, v in result.items() if (k == "best_step" or k.startswith("best_validation_"))
             and v is not None}
+
+
+def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The run's headline numbers under best/, which sorts before eval/, system/, test/ and train/ in the
+    UI's alphabetical metric lists: best/step, best/validation_<metric> and, when the best validation
+    weights were the ones tested, best/test_<metric> (the task's selection metric only: few and obvious)."""
+    metric = next((k.removeprefix("best_validation_") for k in result if k.startswith("best_validation_")), None)
+    out = {"best/step": result.get("best_step")}
+    if metric is not None:
+        out[f"best/validation_{metric}"] = result[f"best_validation_{metric}"]
+        if result.get("test_weights") == "best":
+            out[f"best/test_{metric}"] = (result.get("test") or {}).get(metric)
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def summary_note(result: dict[str, Any]) -> str:
+    """The run's description (tag mlflow.note.content, the run page's Description): its headline in words,
+    e.g. "test accuracy 0.6899, validation accuracy 0.7166, best step 180"."""
+    m = summary_metrics(result)
+    parts = [f"{k.removeprefix('best/').replace('_', ' ')} {v:.4f}" for k, v in sorted(m.items()) if k != "best/step"]
+    return ", ".join(parts + ([f"best step {int(m['best/step'])}"] if "best/step" in m else []))
 
 
 def tested_weights(output_dir: str | Path, result: dict[str, Any]) -> Path:

@@ -88,9 +88,10 @@ def test_sweep_compare_and_rerun(server, tiny_bert, sentiment_files, tmp_path):
         assert x.data.params["label_words"] and "label_words.pos" not in x.data.params  # flat, stable names
         # Logged with their steps, so MLflow's compare view overlays the curves.
         assert [m.step for m in client.get_metric_history(x.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
-        assert [m.step for m in client.get_metric_history(x.info.run_id, "eval/accuracy")] == [2, 4, 6]
+        assert [m.step for m in client.get_metric_history(x.info.run_id, "eval/accuracy")] == [0, 2, 4, 6]
         assert "test/accuracy" in x.data.metrics
-        assert x.info.run_name.startswith(x.data.tags["grid.method"] + "-tiny-")  # method first in the UI
+        # method, seed, k first in the UI (the grid's seed is visible when the name is cut short)
+        assert x.info.run_name.startswith(f"{x.data.tags['grid.method']}-s{x.data.tags['grid.seed']}-")
         assert x.data.tags["seed"] == x.data.tags["grid.seed"] and x.data.tags.get("mlflow.source.git.commit")
 
     # An interrupted cell: killed before its first checkpoint, its run never finished. The rerun skips the

@@ -254,6 +254,9 @@ def test_training_run_is_complete_in_mlflow(server, tiny_bert, sentiment_files, 
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"best", "export", "metrics.json"}
     best_files = {a.path for a in client.list_artifacts(run.info.run_id, "best")}
     assert "best/infoprompt.safetensors" in best_files
+    # the export names the backbone as given and the local folder it resolved to (loadable offline)
+    export_meta = json.loads((out / "best" / "infoprompt_config.json").read_text())
+    assert export_meta["backbone"] == tiny_bert and export_meta["backbone_path"] == os.path.realpath(tiny_bert)
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert model.metadata.signature is not None
     labels = model.predict(["a good great movie", "a bad awful film"])
