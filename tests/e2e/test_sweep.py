@@ -69,7 +69,7 @@ def test_sweep_compare_and_rerun(server, tiny_bert, sentiment_files, tmp_path):
     rows = [line for line in r.stdout.splitlines() if line.startswith("FINISHED")]
     assert len(rows) == 4 and all(len(re.findall(r"\b[01]\.\d{4}\b", line)) == 2 for line in rows), r.stdout
     assert "best val accuracy" in r.stdout and "test accuracy" in r.stdout
-    assert any("infoprompt-tiny-train-full-s1" in line for line in rows)
+    assert any("infoprompt-s1-full-tiny-train" in line for line in rows)
     printed = r.stdout.split("compare: ", 1)[1].splitlines()[0]
     assert printed == f"python -m infoprompt_ds.compare --sweep tiny --tracking_uri {server.uri}"
 
