@@ -116,7 +116,7 @@ class TrainConfig:
         "preset's, else '{x} It was {mask}.' / '{x1} ? {mask} , {x2}'. Truncation cuts the texts, never the template.")})
     cue: Optional[str] = field(default=None, metadata={"help": (
         "readout=lm_label: the text after the input (pairs: x1, newline, x2, cue); \\n is a newline; default: "
-        "the preset's (rotten_tomatoes: '\\nSentiment:'), else '\\nAnswer:'.")})
+        "the preset's (rotten_tomatoes: '\\nSentiment:'), else one naming the label words ('\\nAnswer (good or bad):').")})
     # The weights default to None = the method's value (0.1, 0.2, 0.1 for infoprompt; 0 for prompt/probe),
     # so that a weight given to a method that does not use it is an error, not silently dropped.
     gamma: Optional[float] = field(default=None, metadata={"help": (
@@ -156,6 +156,9 @@ class TrainConfig:
     # --- optimization ------------------------------------------------------------------------------
     seed: int = field(default=42, metadata={"help": "Seed of few-shot sampling, prompt init, data order and noise."})
     learning_rate: float = field(default=1e-2, metadata={"help": "Peak learning rate (fills the DeepSpeed json's 'auto')."})
+    class_weights: str = field(default="none", metadata={"help": (
+        "auto: weight CE by inverse class frequency over the training split (n / (C * n_c)), for full-data "
+        "runs on imbalanced sets (k_shot samples are balanced already: no change); none: unweighted.")})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Micro-batch per rank."})
@@ -181,6 +184,9 @@ class TrainConfig:
         "accuracy | macro_f1 | mcc | f1 (binary, positive = second label) | relation_f1 (macro-F1 without the "
         "no-relation class) | entity_f1 (seqeval micro-F1) | auto (the preset's, else the task type's).")})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Test with the best validation weights, not the last."})
+    eval_on_start: bool = field(default=True, metadata={"identity": False, "help": (
+        "Evaluate the untrained model at step 0 (a fresh run): a candidate for the best model, so training "
+        "that never beats it returns it (metrics.json best_is_untrained).")})
     output_dir: str = field(default="outputs/run", metadata={"identity": False, "help": "Where checkpoints, export and metrics.json go."})
     overwrite_output_dir: bool = field(default=False, metadata={"identity": False, "help": "Allow training into a dir that holds a finished run."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"identity": False, "help": (
@@ -233,8 +239,8 @@ class TrainConfig:
             raise ConfigError("template", f"{self.template!r} has no {{mask}}; e.g. '{{x}} It was {{mask}}.'")
         if self.cue is not None and not self.cue.strip():
             raise ConfigError("cue", "is empty; give a short cue such as '\\nSentiment:'")
-        _check_choice("metric_for_best_model", self.metric_for_best_model,
-                      ("auto", "accuracy", "macro_f1", "mcc", "f1", "relation_f1", "entity_f1"))
+        _check_choice("metric_for_best_model", self.metric_for_best_model, BEST_MODEL_METRICS)
+        _check_choice("class_weights", self.class_weights, ("auto", "none"))
         _check_choice("task_type", self.task_type, ("auto", "classification", "relation", "ner"))
         _check_choice("relation_pooling", self.relation_pooling, ("markers", "pooled"))
         if len(self.entity_markers) != 4 or len(set(self.entity_markers)) != 4:
@@ -349,6 +355,9 @@ def flatten_sections(data: dict[str, Any], where: str) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+BEST_MODEL_METRICS = ("auto", "accuracy", "macro_f1", "mcc", "f1", "relation_f1", "entity_f1")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]):

@@ -32,7 +32,7 @@ from infoprompt_ds.config import ConfigError
 READOUTS = ("auto", "cloze", "lm_label", "linear")
 TEMPLATE = "{x} It was {mask}."           # cloze, single texts (LM-BFF / PET style)
 PAIR_TEMPLATE = "{x1} ? {mask} , {x2}"     # cloze, pairs (LM-BFF's RTE/MRPC template)
-CUE = "\nAnswer:"                         # lm_label, when neither the user nor the preset gives one
+CUE = "\nAnswer:"                         # lm_label, when no cue is given and no label words are known
 PAIR_JOIN = "\n"                          # lm_label, between the two texts of a pair
 _PLACEHOLDER = re.compile(r"\{(x|x1|x2|mask)\}")
 
@@ -119,9 +119,18 @@ def resolve(requested: str, model_config, task_type: str, label_words: Optional[
         check_template(t, pair)
         return Readout("cloze", template=t, pair=pair)
     if kind == "lm_label":
-        return Readout("lm_label", cue=cue if cue is not None else preset_cue if preset_cue is not None else CUE,
+        return Readout("lm_label", cue=cue if cue is not None else preset_cue if preset_cue is not None else
+                       label_cue(list(label_words.values())),
                        pair=pair)
     return LINEAR
+
+
+def label_cue(words: list[str]) -> str:
+    """The neutral cue for data without a preset (local files): it names the answers, so the frozen LM's
+    next token is asked to be one of the label words ("\nAnswer (good or bad):"), not any word at all."""
+    if not words:
+        return CUE
+    return f"\nAnswer ({', '.join(words[:-1])} or {words[-1]}):" if len(words) > 1 else f"\nAnswer ({words[0]}):"
 
 
 def check_template(template: str, pair: bool) -> None:

@@ -44,7 +44,9 @@ def assemble(model, logits: torch.Tensor, labels: torch.Tensor, *, z: torch.Tens
              prompt: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor,
              eps_pos: Optional[torch.Tensor], eps_neg: Optional[torch.Tensor], mi_scale: float = 1.0) -> MethodLoss:
     """The training loss of `model` (an InfoPromptModel) for one batch. z_plain = z(x, no prompt)."""
-    ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
+    weight = getattr(model, "class_weight", None)  # --class_weights auto: inverse training frequency
+    ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100,
+                         weight=weight.to(logits.device) if weight is not None else None)
     out = MethodLoss(loss=ce, ce=ce, prompt=prompt, z=z)
     if not model.uses_mi:
         return out  # vanilla: nothing else is computed, so the step is exactly prompt tuning's
@@ -74,6 +76,16 @@ def assemble(model, logits: torch.Tensor, labels: torch.Tensor, *, z: torch.Tens
             out.weighted["kl"] = mi_scale * model.kl_weight * out.terms["kl"]
     out.loss = ce + sum(out.weighted.values())
     return out
+
+
+def inverse_frequency(labels: list, n_classes: int) -> Optional[torch.Tensor]:
+    """Class weights n / (C * n_c) over the training labels (scikit-learn's "balanced"; NER: over the tagged
+    tokens), so that every class adds the same total weight to CE. None when the split is balanced: CE is
+    then left exactly as unweighted."""
+    flat = torch.tensor([t for row in labels for t in (row if isinstance(row, list) else [row]) if t != -100])
+    counts = torch.bincount(flat, minlength=n_classes).double()
+    weights = counts.sum() / (n_classes * counts.clamp(min=1))  # a class absent from training: never weighed
+    return None if bool((weights == weights[0]).all()) else weights.float()
 
 
 class Diagnostics:

@@ -19,6 +19,7 @@ from infoprompt_ds.config_load import config_from_env_rank
 from infoprompt_ds.data.load import prepare_data
 from infoprompt_ds.runtime.ds_config import fill_ds_config, load_ds_config, zero_stage
 from infoprompt_ds.runtime.plan import plan_run
+from infoprompt_ds.runtime.selection import with_default_metric
 from infoprompt_ds.metrics import check_metric
 from infoprompt_ds.method.model import load_model_config, load_tokenizer
 from infoprompt_ds.tracking.store import check_tracking
@@ -76,6 +77,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     tokenizer = load_tokenizer(cfg)
     preflight.check_tokenizer(cfg, tokenizer)
     data = prepare_data(cfg, tokenizer, model_config)  # resolves the read-out too (data.readout)
+    data = with_default_metric(data, cfg.metric_for_best_model, rank)  # auto on imbalanced validation: macro_f1
     preflight.check_label_words(data.task, tokenizer)
     preflight.check_gradient_checkpointing(cfg, model_config, data.readout.kind)
     preflight.check_validation_labels(data)

@@ -31,7 +31,7 @@ from infoprompt_ds.backbone import local_backbone_path
 from infoprompt_ds.io import write_json_atomic
 from infoprompt_ds.runtime.loss_guard import LossGuard
 from infoprompt_ds.runtime.process_group import announce_shm_op_build, init_process_group, unlink_deepspeed_shm
-from infoprompt_ds.method.loss import Diagnostics
+from infoprompt_ds.method.loss import Diagnostics, inverse_frequency
 from infoprompt_ds.method.model import build_model
 from infoprompt_ds.tracking.run_metadata import run_name_for, run_tags
 from infoprompt_ds.tracking.client import Tracker
@@ -76,6 +76,7 @@ class Run:
     identity: dict          # what this run is (backbone, data, labels, shapes, world): recorded in each checkpoint
     best_metric: Optional[float] = None
     best_step: Optional[int] = None
+    best_single_class: bool = False  # the best model predicted one class on validation (runtime/selection.py)
     # Non-finite losses/gradients: counted in total (train/nonfinite_steps) and in a row; only an applied
     # optimizer update ends a streak. While a streak runs no checkpoint is saved (none could displace the
     # last good one), and max_nonfinite_steps in a row stop the run (TrainingDiverged, exit code 3).
@@ -125,6 +126,11 @@ def setup(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)  # head/estimator init: the same on every rank
     task = prep.data.task
     model = build_model(cfg, prep.model_config, prep.tokenizer, task, dtype, prep.ds_config, prep.data.readout)
+    if cfg.class_weights == "auto":  # read by method/loss.assemble's CE (None: a balanced training split)
+        model.class_weight = inverse_frequency(prep.data.splits["train"]["labels"], len(prep.data.label_names))
+        if prep.rank == 0 and model.class_weight is not None:
+            print("class_weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(prep.data.label_names,
+                                                                              model.class_weight.tolist())), flush=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=prep.ds_config)
     shard = backbone_shard_report(engine.module, prep.rank, prep.world)
@@ -153,6 +159,7 @@ def setup(cfg: TrainConfig) -> Run:
               prep.total_steps, prep.micro_per_epoch, int(client.get("global_step", 0)), meta, stop, client,
               prep.identity, lock=prep.lock,
               best_metric=client.get("best_metric"), best_step=client.get("best_step"),
+              best_single_class=bool(client.get("best_single_class", False)),
               nonfinite_total=int(client.get("nonfinite_steps", 0)), diag=Diagnostics(cfg, engine.module))
     if not client:  # a resumed run logged its parameters when it started
         # resolved values (pooling, task, warmup...) first: the first value logged for a param wins

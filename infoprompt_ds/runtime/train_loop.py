@@ -32,6 +32,7 @@ from infoprompt_ds.io import write_json_atomic
 from infoprompt_ds.metrics import compute_metrics
 from infoprompt_ds.method.model import model_inputs
 from infoprompt_ds.data.tasks import Task
+from infoprompt_ds.runtime.selection import Candidate, better, single_class
 from infoprompt_ds.runtime.unprompted_cache import compute_unprompted
 from infoprompt_ds.runtime.setup import Run, setup
 
@@ -168,7 +169,8 @@ def log_window(run: Run, window: Window, micro: int) -> None:
 
 # --- evaluation and checkpoints ------------------------------------------------------------------------------
 
-def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, task: Task, device) -> dict:
+def predictions(engine, split, collate, cfg: TrainConfig, world: int, rank: int, task: Task, device) -> tuple[list, list]:
+    """(predictions, labels) of every example of a split, in no fixed order (all ranks; collective)."""
     def rows_of(batch):
         preds, labels = engine(**model_inputs(batch))["logits"].argmax(-1), batch["labels"]
         if task.type == "ner":  # one tag per word: the positions the loss does not ignore
@@ -179,8 +181,15 @@ def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, ta
     rows = no_grad_pass(engine, split, collate, cfg.per_device_eval_batch_size, world, rank, device, rows_of)
     by_idx = {i: (p, y) for i, p, y in rows}  # drops the sampler's padding duplicates
     preds, labels = zip(*by_idx.values())
-    return compute_metrics(task.type, list(preds), list(labels), list(task.labels), task.no_relation_label,
-                           cfg.strict_bio)
+    return list(preds), list(labels)
+
+
+def metrics_of(task: Task, cfg: TrainConfig, preds: list, labels: list) -> dict:
+    return compute_metrics(task.type, preds, labels, list(task.labels), task.no_relation_label, cfg.strict_bio)
+
+
+def evaluate(engine, split, collate, cfg: TrainConfig, world: int, rank: int, task: Task, device) -> dict:
+    return metrics_of(task, cfg, *predictions(engine, split, collate, cfg, world, rank, task, device))
 
 
 def validate(run: Run, split: str = "validation") -> dict[str, float]:
@@ -190,18 +199,23 @@ def validate(run: Run, split: str = "validation") -> dict[str, float]:
 
 
 def validate_and_track(run: Run, step: int) -> dict[str, float]:
-    """Validation metrics to the tracker; a new best is exported to output_dir/best."""
-    metric = run.data.task.metric
-    metrics = validate(run, "validation")
+    """Validation metrics to the tracker; a new best (selection.better: never a single-class predictor over
+    one that is not, ties to the earlier step) is exported to output_dir/best."""
+    metric, task = run.data.task.metric, run.data.task
+    preds, labels = predictions(run.engine, run.data.splits["validation"], run.collate, run.cfg, run.world,
+                                run.rank, task, run.device)
+    metrics = metrics_of(task, run.cfg, preds, labels)
     run.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
-    value = metrics[metric]
-    if run.best_metric is None or value > run.best_metric:
-        run.best_metric, run.best_step = value, step
+    new = Candidate(step, metrics[metric], single_class(preds))
+    best = Candidate(run.best_step, run.best_metric, run.best_single_class) if run.best_step is not None else None
+    if better(new, best, explicit_accuracy=run.cfg.metric_for_best_model == "accuracy"):
+        run.best_metric, run.best_step, run.best_single_class = new.value, step, new.single_class
         tensors = gather_trainable(run.engine)
         if run.rank == 0:
-            save_export(run.out / "best", tensors, {**run.export_meta, "step": step, metric: value})
+            save_export(run.out / "best", tensors, {**run.export_meta, "step": step, metric: new.value})
     if run.rank == 0:
         tqdm.write(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                   + (" (one class predicted for every example)" if new.single_class else "")
                    + f" (best {metric}={run.best_metric:.4f} @ {run.best_step})")
     return metrics
 
@@ -210,7 +224,8 @@ def save(run: Run, step: int) -> None:
     """A DeepSpeed checkpoint of step `step` (collective); its client state is what a resume restores."""
     save_checkpoint(run.engine, run.cfg.output_dir, step, {
         "global_step": step, "mlflow_run_id": run.tracker.run_id, "best_metric": run.best_metric,
-        "best_step": run.best_step, "nonfinite_steps": run.nonfinite_total}, run.cfg.save_total_limit, run.rank, run.identity)
+        "best_step": run.best_step, "best_single_class": run.best_single_class,
+        "nonfinite_steps": run.nonfinite_total}, run.cfg.save_total_limit, run.rank, run.identity)
 
 
 def stop_if_asked(run: Run, step: int) -> None:
@@ -245,6 +260,8 @@ def fit(run: Run) -> Run:
     if engine.module.needs_unprompted:  # the estimators, the VIB's KL, or the z statistics need it
         z = unprompted_pass(run)
         run.z_cache = z if cfg.cache_unprompted else None
+    if cfg.eval_on_start and run.start_step == 0:  # a fresh run: the untrained model is a candidate too
+        validate_and_track(run, 0)
     micro = run.start_step * cfg.gradient_accumulation_steps  # micro-batches consumed so far
     window, epoch_cache = Window(), {}
     run.bar = tqdm(total=run.total_steps, initial=run.start_step, disable=run.rank != 0, desc="train",
@@ -293,8 +310,12 @@ def finish(run: Run) -> dict[str, Any]:
     result = {"global_step": run.step, "best_step": run.best_step,
               f"best_validation_{run.data.task.metric}": run.best_metric,
               "test": test_metrics, "test_weights": "best" if cfg.load_best_model_at_end else "last",
-              "mlflow_run_id": run.tracker.run_id, "world_size": run.world}
+              "mlflow_run_id": run.tracker.run_id, "world_size": run.world,
+              "best_is_untrained": run.best_step == 0}  # step 0 won: training never beat the initial model
     if run.rank == 0:
+        if run.best_step == 0:
+            print(f"[best] step 0: training did not beat the untrained model on validation "
+                  f"({run.data.task.metric}={run.best_metric:.4f}); best/ holds the initial prompt", flush=True)
         print("[test] " + " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()), flush=True)
         run.tracker.log_artifact(out / "export", "export")
         run.tracker.log_best(out, result, cfg.model_name_or_path, run.data.task.type)

@@ -77,7 +77,7 @@ def test_loss_decreases_and_mlflow_holds_the_run(zero3_run):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"export", "ds_config.json", "metrics.json"} <= artifacts
-    assert metrics["test"]["accuracy"] >= 0 and metrics["best_step"] in (6, 12)
+    assert metrics["test"]["accuracy"] >= 0 and metrics["best_step"] in (0, 6, 12)
 
 
 GOLDEN = Path(__file__).with_name("golden_zero3_tiny_llama.json")

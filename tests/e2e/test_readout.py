@@ -115,4 +115,4 @@ def test_smollm2_lm_label_60_steps_stay_in_bounds(smol_cache, sentiment_files, t
             assert 0 <= v <= chance[s] + 2 / tau, (t, s, v, chance[s])
         assert all(p == 1.0 for p in history(f"train/{t}_passing").values())
     meta = json.loads((out / "export" / "infoprompt_config.json").read_text())
-    assert meta["readout"] == "lm_label" and meta["cue"] == "\nAnswer:"  # local files, no preset: the default cue
+    assert meta["readout"] == "lm_label" and meta["cue"] == "\nAnswer (good or bad):"  # local files, no preset: names the words
