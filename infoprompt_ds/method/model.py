@@ -1,5 +1,5 @@
 """Frozen backbone + soft prompt + task head (+ VIB classifier, MI estimator networks); pooling; ZeRO-3
-loading. The method as built is described in docs/method.md; its loss is assembled in method.py.
+loading. The method as built is described in docs/method.md; its loss is assembled in method/loss.py.
 
 Only `prompt`, `head`, `vib` and `estimator` train. The backbone is loaded with from_pretrained, partitioned
 at load time when the DeepSpeed config is ZeRO-3 (HfDeepSpeedConfig must exist before from_pretrained).
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 

@@ -201,7 +201,8 @@ def validate(run: Run, split: str = "validation") -> dict[str, float]:
 def validate_and_track(run: Run, step: int) -> dict[str, float]:
     """Validation metrics to the tracker; a new best (selection.better: never a single-class predictor over
     one that is not, ties to the earlier step) is exported to output_dir/best."""
-    metric, task = run.data.task.metric, run.data.task
+    task = run.data.task
+    metric = task.metric
     preds, labels = predictions(run.engine, run.data.splits["validation"], run.collate, run.cfg, run.world,
                                 run.rank, task, run.device)
     metrics = metrics_of(task, run.cfg, preds, labels)
