@@ -13,12 +13,14 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
 import re
 import shutil
 import socket
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -53,9 +55,34 @@ def _foreign(out: Path) -> Optional[Path]:
     return None
 
 
+def _refuse_unsafe_lock(path: Path, st: os.stat_result) -> None:
+    """The lock is written through: a symlink, a non-file or another user's file there would redirect that
+    write (issue 34 item 1)."""
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise ConfigError("output_dir", f"{path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a regular file'}"
+                          f"; refusing to write the lock through it (remove it, or choose another output_dir)")
+    if st.st_uid != os.geteuid():
+        raise ConfigError("output_dir", f"{path} belongs to uid {st.st_uid}, not you; refusing to use another "
+                          f"user's lock (remove it, or choose another output_dir)")
+
+
+def _refuse_foreign_folder(out: Path) -> None:
+    """Another user's (or a world-writable) output folder: that user could swap checkpoints and exports.
+    Checked whatever the MLflow store (issue 34 item 1)."""
+    st = out.stat()
+    if st.st_uid != os.geteuid() and st.st_uid != 0:
+        raise ConfigError("output_dir", f"{out} belongs to uid {st.st_uid}, not you; refusing to write checkpoints "
+                          f"and exports where another user can replace them (choose another output_dir)")
+    if st.st_mode & 0o002 and not st.st_mode & 0o1000:
+        raise ConfigError("output_dir", f"{out} is world-writable; anyone could replace its checkpoints and "
+                          f"exports (chmod o-w {out}, or choose another output_dir)")
+
+
 def _probe_lock(out: Path) -> None:
     path = out / LOCK
-    if not path.is_file():
+    try:
+        _refuse_unsafe_lock(path, path.lstat())
+    except FileNotFoundError:
         return
     with open(path) as f:
         try:
@@ -77,6 +104,7 @@ def check_output_dir_state(cfg: TrainConfig) -> None:
     # pre-flight; they would see their own job's lock. Its refusal ends the job (the launcher stops the rest).
     if not out.is_dir() or int(os.environ.get("RANK", 0)) != 0:
         return
+    _refuse_foreign_folder(out)
     _probe_lock(out)
     state = _state(out)
     if state and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
@@ -96,9 +124,18 @@ def lock_output_dir(cfg: TrainConfig, rank: int):
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        f = open(out / LOCK, "a+")
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink planted since pre-flight: never write through it
+            raise ConfigError("output_dir", f"{out / LOCK} is a symlink; refusing to write the lock through it "
+                              f"(remove it, or choose another output_dir)")
         raise ConfigError("output_dir", f"cannot create {out}: {e.strerror or e}")
+    try:
+        _refuse_unsafe_lock(out / LOCK, os.fstat(fd))
+    except ConfigError:
+        os.close(fd)
+        raise
+    f = os.fdopen(fd, "r+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -163,6 +200,8 @@ def run_identity(cfg: TrainConfig, data, model_config, world: int, stage: int, r
 
 
 _SHARD = re.compile(r"(?:\w+_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
+# DeepSpeed's module states: one per rank under ZeRO-3 (zero_pp_rank_R_...), one file otherwise (group 1 None).
+_MODEL = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_\d+_model_states\.pt")
 _WHAT = {"backbone": "backbone", "hidden_size": "backbone width", "method": "method", "task_type": "task type",
          "labels": "label list", "n_virtual_tokens": "prompt length (n_virtual_tokens)",
          "bottleneck_dim": "bottleneck_dim", "data": "training data (train split fingerprint: dataset, k_shot, "
@@ -191,6 +230,13 @@ def check_resume(tag_dir: Path, identity: dict[str, Any]) -> None:
             raise ConfigError("resume_from_checkpoint", f"{tag_dir} is missing the optimizer shard of rank {r} "
                               f"({'deleted' if shard is None else f'{shard.name} is empty'}); resume from another "
                               f"checkpoint folder")
+    models = {int(m.group(1)) if m.group(1) else None: p for p in tag_dir.iterdir() if (m := _MODEL.fullmatch(p.name))}
+    for r in ((range(saved_world) if stage == 3 else [None]) if stage else []):  # stage 3: one file per rank
+        model = models.get(r)
+        if model is None or model.stat().st_size == 0:
+            raise ConfigError("resume_from_checkpoint", f"{tag_dir} is missing the model states of rank "
+                              f"{0 if r is None else r} ({'deleted' if model is None else f'{model.name} is empty'}); "
+                              f"resume from another checkpoint folder")
     for key, what in _WHAT.items():
         if saved and saved.get(key) != identity[key]:
             raise ConfigError("resume_from_checkpoint", f"{tag_dir} belongs to another run: its {what} is "

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, tiny_args
+from infoprompt_ds.config import ConfigError
+from infoprompt_ds.config_load import parse_config
+from infoprompt_ds.runtime.outdir import lock_output_dir
 from reliability_lib import assert_refused, prepare_in_process, record_case
 
 pytestmark = pytest.mark.reliability
@@ -84,6 +87,43 @@ def test_second_training_on_a_locked_folder(run_a, tiny_bert, sentiment_files, t
         assert_refused(_args(tiny_bert, sentiment_files, out), "output_dir", "in use by another training (pid 12345")
 
 
+@pytest.mark.parametrize("plant", ["symlink", "foreign"])
+def test_an_unsafe_lock_is_refused_and_nothing_written_through_it(plant, run_a, tiny_bert, sentiment_files, tmp_path):
+    """Issue 34 item 1: a planted `.infoprompt.lock -> victim` (or another user's lock file) is refused in
+    one line, and the victim keeps its content."""
+    out = _copy(run_a, tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    lock = out / ".infoprompt.lock"
+    if plant == "symlink":
+        lock.symlink_to(victim)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("another user's file needs root to make")
+        shutil.copy(victim, lock)
+        os.chown(lock, 65534, 65534)
+    needle = "is a symlink" if plant == "symlink" else "belongs to uid 65534"
+    assert_refused(_args(tiny_bert, sentiment_files, out, resume_from_checkpoint="latest"), "output_dir", needle)
+    # The lock itself (a link planted after pre-flight): opened without following links, checked by fstat.
+    with pytest.raises(ConfigError, match=needle):
+        lock_output_dir(parse_config(["--output_dir", str(out), "--resume_from_checkpoint", "latest"]), 0)
+    assert victim.read_text() == "precious\n"
+    assert (lock.is_symlink() if plant == "symlink" else lock.read_text() == "precious\n")
+
+
+def test_another_users_folder_is_refused_whatever_the_store(run_a, tiny_bert, sentiment_files, tmp_path):
+    """Issue 34 item 1: with MLFLOW_TRACKING_URI elsewhere, an output_dir owned by another user is still
+    refused (checkpoints and exports there could be swapped by that user)."""
+    if os.geteuid() != 0:
+        pytest.skip("another user's folder needs root to make")
+    out = _copy(run_a, tmp_path)
+    os.chown(out, 65534, 65534)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"}
+    assert_refused(_args(tiny_bert, sentiment_files, out, resume_from_checkpoint="latest"), "output_dir",
+                   "belongs to uid 65534", env=env)
+    assert not (out / ".infoprompt.lock").exists()
+
+
 def test_latest_pointing_outside(run_a, tiny_bert, sentiment_files, tmp_path):
     out = _copy(run_a, tmp_path)
     (out / "checkpoints" / "latest").write_text(str(run_a / "checkpoints" / "step4"))
@@ -120,10 +160,12 @@ def test_resume_on_another_world_size(run_a, tiny_bert, sentiment_files, tmp_pat
                    "resume_from_checkpoint", "saved by 1 rank(s), this job has 2", env=env)
 
 
-@pytest.mark.parametrize("damage,needle", [("delete", "optimizer shard of rank 0"), ("empty", "is empty (0 bytes)")])
-def test_resume_with_a_missing_shard(damage, needle, run_a, tiny_bert, sentiment_files, tmp_path):
+@pytest.mark.parametrize("damage,needle,kind", [("delete", "optimizer shard of rank 0", "optim"),
+                                                ("empty", "is empty (0 bytes)", "optim"),
+                                                ("delete", "model states of rank 0", "model")])  # issue 34 item 3
+def test_resume_with_a_missing_shard(damage, needle, kind, run_a, tiny_bert, sentiment_files, tmp_path):
     out = _copy(run_a, tmp_path)
-    shard = next((out / "checkpoints" / "step4").glob("*optim_states.pt"))
+    shard = next((out / "checkpoints" / "step4").glob(f"*{kind}_states.pt"))
     shard.unlink() if damage == "delete" else shard.write_bytes(b"")
     assert_refused(_args(tiny_bert, sentiment_files, out, resume_from_checkpoint="latest"),
                    "resume_from_checkpoint", needle)
