@@ -1,7 +1,7 @@
 """Item 2 of issue 8: our vanilla prompt tuning vs the peer users would otherwise pick, Hugging Face PEFT
 (PromptTuningConfig) trained by the HF Trainer with the same DeepSpeed ZeRO-3 json.
 
-    python benchmarks/bench_peft.py [--pairs 3] [--warmup 3] [--steps 15]
+    python benchmarks/bench_peft.py [--min_pairs 3] [--max_pairs 8] [--budget_s 660] [--warmup 3] [--steps 15]
 
 Same backbone (MiniLM; AutoModelForSequenceClassification for PEFT, AutoModel + our head for us), same
 n virtual tokens (16), same micro-batch (16), same training examples (Rotten Tomatoes, k_shot 64, seed 42,
@@ -13,8 +13,16 @@ from MLflow (train/samples_per_s, logged every --warmup steps; the first window,
 steps, is dropped; evaluation only runs after the last window). PEFT: a TrainerCallback takes the time at
 every on_step_end; the first --warmup steps are dropped. Both figures are wall time between step ends
 (data collation, forward, backward, optimizer, logging included). The two jobs alternate as separate
-processes (ours, PEFT, PEFT, ours, ...) --pairs times, and the ratio is taken per adjacent pair.
+processes, one round = ours and each PEFT arm, the order reversed every round, and the ratios are taken
+per round. Rounds continue until the distribution-free 95% interval of each ratio's median (order statistics
+of the rounds' ratios) is within +-0.1 of the median, at least --min_pairs and at most --max_pairs rounds,
+and no new round starts once --budget_s has passed (a shared machine: the file says which stop applied).
 Peak memory: each process's peak RSS (ru_maxrss from wait4), i.e. what the user's job costs in all.
+
+Arms (issue 37): ours = train.py's defaults for this job (fp32 here, the default data order); peft = PEFT +
+the Trainer with their defaults (fp32 on CPU, random order); peft_best = the same with the best the Trainer
+offers here: length-grouped batches (group_by_length=True; transformers 5 spells it
+train_sampling_strategy="group_by_length") and bf16=True (this CPU has avx512_bf16; on a GPU bf16 as well).
 """
 
 from __future__ import annotations
@@ -62,8 +70,10 @@ def peft_worker(args) -> None:
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
                               max_steps=args.warmup + args.steps, learning_rate=1e-2, logging_steps=10_000,
                               save_strategy="no", eval_strategy="no", report_to=[], deepspeed=args.ds_config,
-                              dataloader_num_workers=0, seed=42, bf16=on_gpu, use_cpu=not on_gpu,
-                              disable_tqdm=True, warmup_steps=1)
+                              dataloader_num_workers=0, seed=42, bf16=on_gpu or args.bf16, use_cpu=not on_gpu,
+                              disable_tqdm=True, warmup_steps=1,
+                              # transformers 5's name for the Trainer's group_by_length=True
+                              train_sampling_strategy="group_by_length" if args.group_by_length else "random")
     # TrainingArguments(deepspeed=...) is alive now: from_pretrained partitions under ZeRO-3 (zero.Init).
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(args.model),
                                                                num_labels=len(data.label_names))
@@ -71,6 +81,10 @@ def peft_worker(args) -> None:
         model.config.pad_token_id = tok.pad_token_id
     model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=args.n_virtual,
                                                      prompt_tuning_init=PromptTuningInit.RANDOM))
+    if targs.bf16:
+        # The prompt PEFT adds after from_pretrained is fp32 while zero.Init made the rest bf16, and DeepSpeed's
+        # ZeRO-3 optimizer refuses mixed dtypes (zero/utils.py defragment): the one line a user adds for bf16.
+        model.prompt_encoder.to(torch.bfloat16)
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
@@ -90,7 +104,8 @@ def peft_worker(args) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         Path(args.out).write_text(json.dumps({
             "step_s": steps, "samples_per_s": args.batch * int(os.environ.get("WORLD_SIZE", 1)) * len(steps) / sum(steps),
-            "trainable_params": n_trainable, "model_class": type(model.get_base_model()).__name__}))
+            "trainable_params": n_trainable, "model_class": type(model.get_base_model()).__name__,
+            "bf16": targs.bf16, "group_by_length": targs.train_sampling_strategy == "group_by_length"}))
 
 
 def ours(args, out_dir: Path) -> dict:
@@ -118,18 +133,19 @@ def ours(args, out_dir: Path) -> dict:
             "peak_rss_bytes": rss, "wall_s": wall}
 
 
-def peft(args, out_dir: Path) -> dict:
+def peft(args, out_dir: Path, best: bool = False) -> dict:
     out = out_dir / f"peft-{time.time_ns()}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(out), "--model", args.model,
            "--n_virtual", str(args.n_virtual), "--batch", str(args.batch), "--max_length", str(args.max_length),
            "--k_shot", str(args.k_shot), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--ds_config", args.ds_config] + (["--train_file", args.train_file] if args.train_file else []) \
-        + (["--cpu"] if args.cpu else [])
+        + (["--cpu"] if args.cpu else []) + (["--bf16", "--group_by_length"] if best else [])
     res, rss, wall = _run(cmd, args)
     if res["rc"] != 0 or not out.is_file():
         return {"status": "failed", "command": cmd, **res}
     w = json.loads(out.read_text())
-    return {"status": "ok", "impl": "peft", "command": cmd, "samples_per_s": w["samples_per_s"],
+    return {"status": "ok", "impl": "peft_best" if best else "peft", "command": cmd, "samples_per_s": w["samples_per_s"],
+            "bf16": w["bf16"], "group_by_length": w["group_by_length"],
             "step_s": summarize(w["step_s"]), "trainable_params": w["trainable_params"],
             "model_class": w["model_class"], "peak_rss_bytes": rss, "wall_s": wall}
 
@@ -151,6 +167,43 @@ def _run(cmd, args):
     return {"rc": p.returncode, "log_tail": tail}, usage.ru_maxrss * 1024, time.perf_counter() - t
 
 
+def median_interval(xs: list[float]) -> tuple[float, float, float]:
+    """(median, lower, upper): the distribution-free 95% interval of the median from order statistics (the
+    largest k with P(Binomial(n, 1/2) < k) <= 0.025 gives [x_(k), x_(n-k+1)]; below 6 values: [min, max],
+    which covers 1 - 2^(1-n))."""
+    import statistics
+    from math import comb
+
+    xs, n = sorted(xs), len(xs)
+    k, below = 1, 0.0
+    while True:
+        below += comb(n, k - 1) / 2 ** n  # P(Binomial < k) after adding P(= k - 1)
+        if below > 0.025 or k >= (n + 1) // 2:
+            break
+        k += 1
+    k = max(1, k - 1)
+    return statistics.median(xs), xs[k - 1], xs[n - k]
+
+
+def settings_of(args) -> dict:
+    shared = {"model": args.model, "n_virtual_tokens": args.n_virtual, "per_device_train_batch_size": args.batch,
+              "max_length": args.max_length, "k_shot": args.k_shot, "ds_config": args.ds_config, "ranks": 1,
+              "OMP_NUM_THREADS": args.threads or "project default", "timed_steps": args.steps,
+              "warmup_steps_dropped": args.warmup}
+    return {"ours": {**shared, "impl": "train.py --method prompt (our defaults)", "precision": "fp32",
+                     "group_by_length": False},
+            "peft": {**shared, "impl": "PEFT PromptTuningConfig(SEQ_CLS) + HF Trainer (defaults)",
+                     "precision": "bf16" if not args.cpu and _has_gpu() else "fp32", "group_by_length": False},
+            "peft_best": {**shared, "impl": "PEFT PromptTuningConfig(SEQ_CLS) + HF Trainer (best settings)",
+                          "precision": "bf16", "group_by_length": True}}
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=MINILM)
@@ -161,44 +214,69 @@ def main(argv=None):
     ap.add_argument("--train_file", default=None, help="local csv instead of Rotten Tomatoes (tests)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--min_pairs", type=int, default=3)
+    ap.add_argument("--max_pairs", type=int, default=8)
+    ap.add_argument("--budget_s", type=float, default=660, help="no new round after this many seconds")
+    ap.add_argument("--ci_halfwidth", type=float, default=0.1)
+    ap.add_argument("--arms", default="ours,peft,peft_best")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each job on CPU (0: project default)")
     ap.add_argument("--ds_config", default=str(ROOT / "ds_configs" / "zero3.json"))
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--results", default=str(RESULTS / "peft.json"))
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--out")
+    ap.add_argument("--bf16", action="store_true", help="worker: Trainer bf16=True")
+    ap.add_argument("--group_by_length", action="store_true", help="worker: Trainer group_by_length=True")
     args = ap.parse_args(argv)
     if args.worker:
         return peft_worker(args)
+    arms = args.arms.split(",")
+    fns = {"ours": ours, "peft": peft, "peft_best": lambda a, w: peft(a, w, best=True)}
+    settings = {k: v for k, v in settings_of(args).items() if k in arms}
+    for arm, st in settings.items():
+        print(f"[bench_peft] {arm}: " + ", ".join(f"{k}={v}" for k, v in st.items()), flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench_peft_"))
     t0 = time.perf_counter()
-    runs, pairs = [], []
-    for i in range(args.pairs):
-        order = (ours, peft) if i % 2 == 0 else (peft, ours)
+    runs, pairs, stop = [], [], "max_pairs"
+    others = [a for a in arms if a != "ours"]
+    for i in range(args.max_pairs):
+        if i >= args.min_pairs and time.perf_counter() - t0 > args.budget_s:
+            stop = "budget_s"
+            break
+        order = arms if i % 2 == 0 else arms[::-1]
         got = {}
-        for fn in order:
-            r = fn(args, work)
+        for arm in order:
+            r = fns[arm](args, work)
             r["pair"] = i
             runs.append(r)
-            got[fn.__name__] = r
-            print(f"[bench_peft] pair {i} {fn.__name__}: {r['status']} "
-                  f"{r.get('samples_per_s', float('nan')):.2f} samples/s, peak RSS "
-                  f"{r.get('peak_rss_bytes', 0) / 2**20:.0f} MiB", flush=True)
-        if all(r["status"] == "ok" for r in got.values()):
-            pairs.append({"pair": i, "order": [f.__name__ for f in order],
-                          "speed_ratio_ours_over_peft": got["ours"]["samples_per_s"] / got["peft"]["samples_per_s"],
-                          "rss_ratio_ours_over_peft": got["ours"]["peak_rss_bytes"] / got["peft"]["peak_rss_bytes"]})
-    ratios = [p["speed_ratio_ours_over_peft"] for p in pairs]
-    summary = {"speed_ratio_ours_over_peft": summarize(ratios),
-               "rss_ratio_ours_over_peft": summarize([p["rss_ratio_ours_over_peft"] for p in pairs]),
-               "ours_samples_per_s": summarize([r["samples_per_s"] for r in runs if r["status"] == "ok" and r["impl"] == "ours"]),
-               "peft_samples_per_s": summarize([r["samples_per_s"] for r in runs if r["status"] == "ok" and r["impl"] == "peft"]),
-               "ours_peak_rss_mib": summarize([r["peak_rss_bytes"] / 2**20 for r in runs if r["status"] == "ok" and r["impl"] == "ours"]),
-               "peft_peak_rss_mib": summarize([r["peak_rss_bytes"] / 2**20 for r in runs if r["status"] == "ok" and r["impl"] == "peft"])}
+            got[arm] = r
+            print(f"[bench_peft] round {i} {arm}: {r['status']} {r.get('samples_per_s', float('nan')):.2f} samples/s, "
+                  f"peak RSS {r.get('peak_rss_bytes', 0) / 2**20:.0f} MiB", flush=True)
+        if all(r["status"] == "ok" for r in got.values()) and "ours" in got:
+            pairs.append({"pair": i, "order": order, **{
+                f"{m}_ours_over_{o}": got["ours"][f] / got[o][f]
+                for o in others for m, f in (("speed_ratio", "samples_per_s"), ("rss_ratio", "peak_rss_bytes"))}})
+        if len(pairs) >= args.min_pairs and all(
+                max(hi - med, med - lo) <= args.ci_halfwidth
+                for med, lo, hi in (median_interval([p[f"speed_ratio_ours_over_{o}"] for p in pairs]) for o in others)):
+            stop = "ci_halfwidth"
+            break
+    summary = {"rounds": len(pairs), "stopped_by": stop}
+    for o in others:
+        for m in ("speed_ratio", "rss_ratio"):
+            xs = [p[f"{m}_ours_over_{o}"] for p in pairs]
+            key = f"{m}_ours_over_{o}"
+            summary[key] = {k: v for k, v in summarize(xs).items() if k in ("n", "median", "min", "max")}
+            if xs:
+                _, lo, hi = median_interval(xs)
+                summary[key]["median_ci95"] = [lo, hi]
+    for arm in arms:
+        ok = [r for r in runs if r["status"] == "ok" and r["impl"] == arm]
+        summary[f"{arm}_samples_per_s"] = summarize([r["samples_per_s"] for r in ok])
+        summary[f"{arm}_peak_rss_mib"] = summarize([r["peak_rss_bytes"] / 2**20 for r in ok])
     write_results(Path(args.results), {"benchmark": "peft", "settings": {k: v for k, v in vars(args).items()
-                                                                      if k not in ("worker", "out")},
-                                       "wall_s_total": time.perf_counter() - t0, "summary": summary,
+                                                                      if k not in ("worker", "out", "bf16", "group_by_length")},
+                                       "arms": settings, "wall_s_total": time.perf_counter() - t0, "summary": summary,
                                        "pairs": pairs, "runs": runs})
     print(json.dumps(summary, indent=1))
     print(f"[bench_peft] wrote {args.results}")

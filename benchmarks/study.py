@@ -70,13 +70,16 @@ ARMS: dict[str, dict[str, str]] = {
     "zeroshot": {"method": "probe"},
     # HF PEFT prompt tuning trained by the HF Trainer (peft_prompt.py; `method` is ignored there), vs `prompt`.
     "peft": {"method": "prompt"},
+    # Length-grouped training order (issue 37): the same job with --group_by_length true, vs the default order.
+    "infoprompt_grouped": {"method": "infoprompt", "group_by_length": "true"},
 }
 # Arms run by another script than train.py: same flags, same output_dir/metrics.json.
 SCRIPTS = {"zeroshot": "benchmarks/zero_shot.py", "peft": "benchmarks/peft_prompt.py"}
 # The arm each arm is compared with, seed by seed (default: vanilla prompt tuning).
 CONTROL = {"infoprompt_vib": "prompt_vib", "infoprompt_instance": "prompt_instance",
            "infoprompt_random": "prompt_random", "infoprompt_linear": "prompt_linear",
-           "prompt": "zeroshot", "zeroshot": None}  # None: the floor
+           "prompt": "zeroshot", "zeroshot": None,  # None: the floor
+           "infoprompt_grouped": "infoprompt"}
 
 R8_WORDS = "earn=earn,acq=acquisition,crude=oil,trade=trade,money-fx=currency,interest=interest,ship=ship,grain=grain"
 # One common word per newsgroup; first tokens differ under MiniLM's WordPiece and SmolLM2's BPE (check_tokenizer).

@@ -162,7 +162,13 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Micro-batch per rank."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"identity": False, "help": "Eval batch per rank."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"identity": False, "help": (
+        "Eval batch per rank at the split's longest length: eval batches are sorted by length, and shorter ones "
+        "hold more examples within the same positions.")})
+    group_by_length: bool = field(default=False, metadata={"help": (
+        "Training micro-batches of similar length (the HF Trainer's name and method: seeded megabatches sorted "
+        "by length, shuffled at the batch level): less padding; the order is still a pure function of (seed, "
+        "epoch), so a resume continues it exactly.")})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     num_train_epochs: float = field(default=10, metadata={"help": "Epochs, when max_steps <= 0."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; > 0 overrides num_train_epochs."})

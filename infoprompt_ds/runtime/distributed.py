@@ -12,6 +12,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from torch.utils.data import DistributedSampler
 
 from infoprompt_ds.internals import full_numel, invalidate_zero3_trace, local_numel
+from infoprompt_ds.runtime.batching import eval_batches, length_grouped_batches, lengths_of
 
 
 def shard_batches(n: int, batch_size: int, world: int, rank: int, shuffle: bool, seed: int, epoch: int):
@@ -21,6 +22,14 @@ def shard_batches(n: int, batch_size: int, world: int, rank: int, shuffle: bool,
     sampler.set_epoch(epoch)
     idx = list(sampler)
     return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
+def train_batches(split, batch_size: int, world: int, rank: int, seed: int, epoch: int, group_by_length: bool):
+    """This rank's training micro-batches of one epoch: DistributedSampler's order, or grouped by length
+    (runtime/batching.py). Either way the same count on every rank, and a pure function of (seed, epoch)."""
+    if group_by_length:
+        return length_grouped_batches(lengths_of(split), batch_size, world, rank, seed, epoch)
+    return shard_batches(len(split), batch_size, world, rank, True, seed, epoch)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -47,14 +56,16 @@ def retrace_zero3(engine) -> None:
 
 
 def no_grad_pass(engine, split, collate, batch_size: int, world: int, rank: int, device,
-                 rows_of: Callable[[dict], list]) -> list:
+                 rows_of: Callable[[dict], list], extra: int = 0) -> list:
     """Run `rows_of(batch)` over every example of `split`, sharded over ranks, in eval mode; return all
-    ranks' rows (all_gather). Every rank runs the same number of batches, as ZeRO-3 requires."""
+    ranks' rows (all_gather), in no fixed order. Batches are sorted by length and sized to a token budget
+    (batching.eval_batches: `batch_size` examples of the longest length, + `extra` positions each).
+    Every rank runs the same number of batches, as ZeRO-3 requires."""
     engine.eval()
     retrace_zero3(engine)
     rows = []
     with torch.no_grad():
-        for idx in shard_batches(len(split), batch_size, world, rank, False, 0, 0):
+        for idx in eval_batches(lengths_of(split), batch_size, world, rank, extra):
             rows += rows_of(to_device(collate([split[i] for i in idx]), device))
     engine.train()
     retrace_zero3(engine)

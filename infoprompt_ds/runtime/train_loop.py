@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from infoprompt_ds.runtime.checkpoint import (checkpoint_root, complete_checkpoints, load_export, save_checkpoint, save_export)
 from infoprompt_ds.config import TrainConfig
-from infoprompt_ds.runtime.distributed import (all_max_int, all_min, gather_trainable, no_grad_pass, retrace_zero3, set_trainable, shard_batches, to_device)
+from infoprompt_ds.runtime.distributed import (all_max_int, all_min, gather_trainable, no_grad_pass, retrace_zero3, set_trainable, to_device, train_batches)
 from infoprompt_ds.env import setup_environment  # noqa: F401  (re-exported: callers that imported it from here)
 from infoprompt_ds.errors import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged  # noqa: F401 (re-exported)
 from infoprompt_ds.io import write_json_atomic
@@ -52,6 +52,7 @@ class StepOut:
     tokens: int             # real (attention-mask) tokens
     boundary: bool = False  # this micro-batch ended an optimizer step (gradient accumulation boundary)
     applied: bool = False   # ... and DeepSpeed applied the update (False: its gradient norm was NaN/inf)
+    positions: int = 0      # input positions, padding included (train/padding_frac = 1 - tokens / positions)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Window:
     examples: int = 0
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)  # throughput clock (eval/save time excluded)
+    positions: int = 0
 
     def add(self, out: StepOut) -> None:
         self.loss += out.loss
@@ -71,14 +73,15 @@ class Window:
         for k in MI_TERMS:
             self.terms[k] += out.terms[k]
         self.micro, self.examples, self.tokens = self.micro + 1, self.examples + out.examples, self.tokens + out.tokens
+        self.positions += out.positions
 
     def reduce(self) -> "Window":
         """Sums over every rank (a collective): global means and global throughput."""
-        t = torch.tensor([self.loss, self.ce, *self.terms.values(), self.micro, self.examples, self.tokens],
-                         dtype=torch.float64)
+        t = torch.tensor([self.loss, self.ce, *self.terms.values(), self.micro, self.examples, self.tokens,
+                          self.positions], dtype=torch.float64)
         dist.all_reduce(t)
-        loss, ce, *terms, micro, examples, tokens = t.tolist()
-        return Window(loss, ce, dict(zip(MI_TERMS, terms)), micro, examples, tokens, self.started)
+        loss, ce, *terms, micro, examples, tokens, positions = t.tolist()
+        return Window(loss, ce, dict(zip(MI_TERMS, terms)), micro, examples, tokens, self.started, positions)
 
 
 # --- one step ------------------------------------------------------------------------------------------
@@ -86,11 +89,11 @@ class Window:
 def batch_at(run: Run, micro: int, cache: dict[int, list]) -> dict:
     """The micro-batch number `micro` of this rank: the data stream is a pure function of it (exact resume)."""
     epoch, pos = divmod(micro, run.micro_per_epoch)
+    train = run.data.splits["train"]
     if epoch not in cache:
         cache.clear()
-        cache[epoch] = shard_batches(len(run.data.splits["train"]), run.cfg.per_device_train_batch_size, run.world,
-                                     run.rank, True, run.cfg.seed, epoch)
-    train = run.data.splits["train"]
+        cache[epoch] = train_batches(train, run.cfg.per_device_train_batch_size, run.world, run.rank, run.cfg.seed,
+                                     epoch, run.cfg.group_by_length)
     return to_device(run.collate([train[i] for i in cache[epoch][pos]]), run.device)
 
 
@@ -131,7 +134,8 @@ def train_step(run: Run, batch: dict, micro: int) -> StepOut:
     return StepOut(True, result["loss"].item(), result["ce"].item(),
                    {k: result[k].item() if k in result else 0.0 for k in MI_TERMS},
                    batch["input_ids"].shape[0], int(batch["attention_mask"].sum().item()),
-                   boundary=boundary, applied=boundary and engine.was_step_applied())
+                   boundary=boundary, applied=boundary and engine.was_step_applied(),
+                   positions=batch["attention_mask"].numel())
 
 
 def count_nonfinite(run: Run, what: str, step: int) -> None:
@@ -158,7 +162,8 @@ def log_window(run: Run, window: Window, micro: int) -> None:
     elapsed = time.perf_counter() - w.started
     logs = {"train/loss": w.loss / w.micro, "train/ce": w.ce / w.micro, "train/lr": run.engine.get_lr()[0],
             "train/samples_per_s": w.examples / elapsed, "train/tokens_per_s": w.tokens / elapsed,
-            "train/epoch": micro / run.micro_per_epoch}
+            "train/epoch": micro / run.micro_per_epoch,
+            "train/padding_frac": 1.0 - w.tokens / w.positions if w.positions else 0.0}  # of the input positions
     if run.has_mi:
         logs.update({f"train/{k}": w.terms[k] / w.micro for k in MI_TERMS})
     logs = {k: float(v) for k, v in {**logs, **run.diag.flush()}.items()}
@@ -178,7 +183,8 @@ def predictions(engine, split, collate, cfg: TrainConfig, world: int, rank: int,
             return [(i, p[k].tolist(), y[k].tolist()) for i, p, y, k in zip(batch["idx"].tolist(), preds, labels, keep)]
         return list(zip(batch["idx"].tolist(), preds.tolist(), labels.tolist()))
 
-    rows = no_grad_pass(engine, split, collate, cfg.per_device_eval_batch_size, world, rank, device, rows_of)
+    rows = no_grad_pass(engine, split, collate, cfg.per_device_eval_batch_size, world, rank, device, rows_of,
+                        extra=cfg.n_virtual_tokens)  # the prompt's positions count in the eval batch's budget
     by_idx = {i: (p, y) for i, p, y in rows}  # drops the sampler's padding duplicates
     preds, labels = zip(*by_idx.values())
     return list(preds), list(labels)

@@ -85,12 +85,17 @@ def test_bench_peft_smoke(tiny_bert_long, tmp_path):
     train = write_csv(tmp_path / "train.csv", make_rows(8, 0))
     out = tmp_path / "peft.json"
     bench_peft.main(["--model", tiny_bert_long, "--train_file", str(train), "--k_shot", "none", "--batch", "4",
-                     "--max_length", "16", "--n_virtual", "2", "--warmup", "1", "--steps", "2", "--pairs", "1",
-                     "--cpu", "--results", str(out)])
+                     "--max_length", "16", "--n_virtual", "2", "--warmup", "1", "--steps", "2", "--min_pairs", "1",
+                     "--max_pairs", "1", "--cpu", "--results", str(out)])
     doc = json.loads(out.read_text())
     assert_results_meta(doc)
-    assert [r["status"] for r in doc["runs"]] == ["ok", "ok"], doc["runs"]
-    assert doc["pairs"][0]["speed_ratio_ours_over_peft"] > 0
+    assert [r["status"] for r in doc["runs"]] == ["ok", "ok", "ok"], doc["runs"]
+    assert doc["pairs"][0]["speed_ratio_ours_over_peft"] > 0 and doc["pairs"][0]["speed_ratio_ours_over_peft_best"] > 0
+    best = [r for r in doc["runs"] if r["impl"] == "peft_best"][0]
+    assert best["bf16"] is True and best["group_by_length"] is True  # what the Trainer actually ran with
+    summary = doc["summary"]
+    assert summary["rounds"] == 1 and summary["speed_ratio_ours_over_peft_best"]["n"] == 1
+    assert set(summary["rss_ratio_ours_over_peft"]) >= {"n", "median", "min", "max"}
 
 
 def test_study_smoke(tiny_bert_long, tmp_path, capsys):

@@ -137,6 +137,31 @@ def test_torchrun_zero2_vanilla_prompt_tuning(tmp_path, tiny_bert, sentiment_fil
     assert set(exported) == {"prompt.weight", "head.weight", "head.bias"}  # vanilla: no estimator at all
 
 
+def test_group_by_length_resumes_mid_epoch(tmp_path, tiny_bert, sentiment_files):
+    """--group_by_length true, 2 ranks ZeRO-3: a resume from step 10 (epoch 1, micro-batch 2 of 8) ends with
+    the uninterrupted run's weights bitwise (the grouped order is a pure function of seed and epoch), and
+    train/padding_frac is logged. The order itself: tests/unit/test_batching.py."""
+    def launch(out, **over):
+        args = ["--deepspeed", str(ROOT / "ds_configs/zero3.json"),
+                *tiny_args(tiny_bert, sentiment_files, out, method="prompt", group_by_length="true", max_steps=12,
+                           per_device_train_batch_size=2, eval_steps=12, eval_on_start="false", **over)]
+        assert_ok(run_cli(args, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                          "--master_port", str(free_port())]))
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch(full, save_steps=10)
+    launch(resumed, resume_from_checkpoint=str(full / "checkpoints" / "step10"))
+    a = load_file(str(full / "export" / "infoprompt.safetensors"))
+    b = load_file(str(resumed / "export" / "infoprompt.safetensors"))
+    assert set(a) == set(b) == {"prompt.weight", "head.weight", "head.bias"}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    client = mlflow_client(full)
+    run_id = json.loads((full / "metrics.json").read_text())["mlflow_run_id"]
+    padding = [m.value for m in client.get_metric_history(run_id, "train/padding_frac")]
+    assert len(padding) == 12 and all(0.0 <= p < 0.5 for p in padding), padding
+
+
 def test_single_process_bf16(tmp_path, tiny_bert, sentiment_files):
     out = tmp_path / "bf16"
     assert_ok(run_cli(tiny_args(tiny_bert, sentiment_files, out, bf16="true", max_steps=4, prompt_init="labels",

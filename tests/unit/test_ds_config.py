@@ -37,5 +37,16 @@ def test_shipped_deepspeed_configs_by_name_from_any_folder(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # outside the checkout: names resolve to the package data
     assert load_ds_config("zero3") == load_ds_config("zero3.json") == load_ds_config(None) == repo_copy
     assert load_ds_config("ds_configs/zero2.json")["zero_optimization"]["stage"] == 2
-    with pytest.raises(ConfigError, match=r"deepspeed: .*zero9.*one of: zero2, zero3, zero3_nvme, zero3_offload"):
+    with pytest.raises(ConfigError, match=r"deepspeed: .*zero9.*one of: zero2, zero3, zero3_fast, zero3_nvme, zero3_offload"):
         load_ds_config("zero9")
+
+
+def test_zero3_fast_is_zero3_with_every_weight_persistent():
+    """zero3_fast (issue 37): the shipped zero3.json with only the persistence threshold raised, so a frozen
+    backbone that fits is gathered once; the default keeps its memory behaviour (prefetch/reuse 0)."""
+    fast, default = load_ds_config("zero3_fast"), load_ds_config("zero3")
+    assert fast["zero_optimization"].pop("stage3_param_persistence_threshold") >= 10**9
+    assert default["zero_optimization"].pop("stage3_param_persistence_threshold") == "auto"
+    assert fast == default and default["zero_optimization"]["stage3_max_reuse_distance"] == 0
+    filled = fill_ds_config(load_ds_config("zero3_fast"), TrainConfig(), 1, 10, 8)
+    assert filled["zero_optimization"]["stage3_param_persistence_threshold"] >= 10**9
