@@ -14,6 +14,7 @@ SIGTERM/SIGUSR1 after saving a checkpoint (resumable). Anything else is a crash.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from infoprompt_ds.errors import (EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged, exit_on_config_error, fail)
@@ -29,7 +30,7 @@ def train_main(argv=None) -> None:
     from infoprompt_ds.runtime import train_loop
 
     try:
-        train_loop.run(cfg)
+        result = train_loop.run(cfg)
     except ConfigError as e:
         fail(e, rank0_only=True)
     except StopRequested:
@@ -43,6 +44,10 @@ def train_main(argv=None) -> None:
         sys.exit(EXIT_PREEMPTED)
     except TrainingDiverged as e:
         fail(e, EXIT_DIVERGED, rank0_only=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # after the MLflow run has ended: the last lines on screen
+        from infoprompt_ds.runtime.summary import print_summary
+
+        print_summary(cfg, result)
 
 
 def predict_main(argv=None) -> None:

@@ -173,3 +173,23 @@ def reset_mlflow_tracking_uri() -> None:
     from mlflow.tracking._tracking_service import utils
 
     utils._tracking_uri = None
+
+
+def log_pyfunc_model_unserved(**log_model_kwargs):
+    """mlflow.pyfunc.log_model(**kwargs), minus the serving check MLflow runs on an input example: that
+    check loads the logged model - the whole backbone - a second time, inside the training process (where a
+    ZeRO-3 config is still live and partitions it). `validate_serving_input` is the undocumented switch of
+    Model.log that MLflow's own transformers flavor passes; Model.log hands its extra kwargs to the flavor's
+    save_model, so a flavor that drops it is mlflow.pyfunc as it is."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    class PyfuncFlavor:
+        __name__ = "mlflow.pyfunc"
+
+        @staticmethod
+        def save_model(validate_serving_input=True, **kwargs):
+            return mlflow.pyfunc.save_model(**kwargs)
+
+    return Model.log(artifact_path=None, flavor=PyfuncFlavor, flavor_name="pyfunc", validate_serving_input=False,
+                     **log_model_kwargs)

@@ -153,6 +153,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description="Predict labels with an infoprompt export.")
     p.add_argument("--export", required=True, help="Export folder (output_dir/best or output_dir/export).")
     p.add_argument("--text", action="append", default=[], help="A text to label (repeatable).")
+    p.add_argument("--text_pair", action="append", default=[], help=(
+        "A sentence-pair export: the second text of each --text, in the same order (repeatable)."))
     p.add_argument("--file", help="A file with one text per line.")
     p.add_argument("--model_name_or_path", help="Backbone, if it moved since training (default: the export's).")
     args = p.parse_args(argv)
@@ -161,11 +163,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         texts += read_texts(args.file)
     if not texts:
         raise ConfigError("text", "give --text or --file")
+    if args.text_pair and (args.file or len(args.text_pair) != len(texts)):
+        raise ConfigError("text_pair", f"give one --text_pair per --text ({len(texts)}), and no --file")
     predictor = Predictor.load(args.export, args.model_name_or_path)
     keep = [i for i, t in enumerate(texts) if t.strip()]  # a blank line gets label null, in its place
-    labels = dict(zip(keep, predictor.predict([texts[i] for i in keep])))
+    pairs = [args.text_pair[i] for i in keep] if args.text_pair else None
+    labels = dict(zip(keep, predictor.predict([texts[i] for i in keep], pairs)))
     for i, text in enumerate(texts):
-        print(json.dumps({"text": text, "label": labels.get(i)}))
+        print(json.dumps({"text": text, **({"text_pair": args.text_pair[i]} if pairs else {}),
+                          "label": labels.get(i)}))
     sys.stdout.flush()
 
 
