@@ -88,15 +88,38 @@ def _plan(argv):
 
 COMMANDS = {"train": train_main, "predict": predict_main, "sweep": _sweep, "compare": _compare, "mlflow": _mlflow, "plan": _plan}
 
+# `infoprompt --help`: one line per command, then what a first session runs, in order.
+HELP = """usage: infoprompt <command> [flags]      (infoprompt <command> --help: that command's flags)
+
+Soft prompt tuning (InfoPrompt or vanilla) of a frozen backbone sharded with DeepSpeed ZeRO-3, tracked in MLflow.
+
+commands:
+  train     train a soft prompt and task head, one process (= python train.py; many: deepspeed train.py)
+  predict   label texts with a run's export (output_dir/best or output_dir/export)
+  sweep     run a grid of trainings (methods x seeds x settings) from a sweep file, into one MLflow store
+  compare   compare an experiment's runs: table, paired tests over seeds, learning-curve plots
+  mlflow    send a run's tracking entries buffered while the MLflow store was unreachable (mlflow import DIR)
+  plan      memory per rank of a training, from the model's config alone (no weights loaded)
+
+examples:
+  deepspeed train.py --deepspeed ds_configs/zero3.json            # the default job; ends with a summary
+  infoprompt train --config configs/ner_conll.yaml --max_steps 20
+  infoprompt predict --export outputs/run/best --text "a gripping, funny film"
+  infoprompt compare --experiment infoprompt --tracking_uri sqlite:///$PWD/outputs/run/mlflow.db
+  infoprompt sweep --config sweeps/rt_64shot.yaml                # the example sweep (ships in the package too)
+  infoprompt plan --model_name_or_path DIR --ranks 8
+
+exit codes: 0 finished; 2 bad input; 3 training diverged; 75 stopped after saving a checkpoint (resumable)."""
+
 
 def main(argv=None) -> None:
     """`infoprompt <command> [args]`: each command takes the flags of its own entry (`--help` lists them)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
-        if argv and argv[0] in ("-h", "--help"):
-            print(__doc__)
+        if argv and argv[0] in ("-h", "--help", "help"):
+            print(HELP)
             return
-        fail(f"command: expected one of {', '.join(COMMANDS)} (infoprompt <command> --help), got "
+        fail(f"command: expected one of {', '.join(COMMANDS)} (infoprompt --help), got "
              f"{argv[0] if argv else 'nothing'!r}")
     COMMANDS[argv[0]](argv[1:])
 

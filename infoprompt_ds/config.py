@@ -330,8 +330,8 @@ class TrainConfig:
 # (`data: {dataset: ..., k_shot: 64}`) or list them flat. Attribute access stays flat (`cfg.k_shot`), as with
 # the HF TrainingArguments users know: one obvious name per setting, the same in YAML, on the command line,
 # in MLflow params and in the code.
-SECTIONS = {"data": "model_name_or_path", "method": "method", "optimization": "seed",
-            "evaluation": "logging_steps", "tracking": "mlflow_experiment", "launcher": "dist_timeout_minutes"}
+SECTIONS = {"model": "model_name_or_path", "data": "task", "method": "method", "optimization": "seed",
+            "evaluation": "logging_steps", "tracking": "mlflow_experiment", "scale": "dist_timeout_minutes"}
 
 
 def section_fields() -> dict[str, list[str]]:

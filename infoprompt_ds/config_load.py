@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 from infoprompt_ds.config import ConfigError, TrainConfig, flatten_sections, section_fields
@@ -105,17 +105,49 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError("arguments", message)
 
 
+# One line per --help group: what a newcomer looks for there.
+SECTION_HELP = {
+    "model": "the frozen backbone: a packaged name, a local HF folder, a hub name or a *.gguf file",
+    "data": "the task and its data: a preset (--task/--dataset) or local files; few-shot sampling and splits",
+    "method": "InfoPrompt (--method infoprompt) or vanilla prompt tuning (prompt): prompt, read-out, MI terms",
+    "optimization": "seed, learning rate, batch sizes, steps, precision",
+    "evaluation": "when to evaluate, log and checkpoint; which weights are tested; the output folder",
+    "tracking": "MLflow: experiment, run name, system metrics (the store: MLFLOW_TRACKING_URI, else beside "
+                "output_dir)",
+    "scale": "DeepSpeed and the process group: the ZeRO json, offload, memory budget, timeouts",
+}
+
+EXAMPLES = """examples:
+  deepspeed train.py --deepspeed ds_configs/zero3.json                  the default job (~2 min on 2 CPU cores)
+  deepspeed train.py --deepspeed ds_configs/zero3.json --config configs/ner_conll.yaml --seed 3
+  deepspeed --num_gpus 8 train.py --deepspeed zero3_offload --model_name_or_path DIR --method prompt
+A config file's keys are the flags' names (configs/*.yaml); a flag overrides the file."""
+
+
+def _default_text(f) -> str:
+    """' (default: x)' unless the help already says it (or there is none to say)."""
+    default = f.default_factory() if f.default_factory is not MISSING else f.default
+    if default is None or default == "" or "default" in f.metadata.get("help", "").lower():
+        return ""
+    return f" (default: {default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Train an InfoPrompt soft prompt on a frozen, ZeRO-3-sharded backbone.", allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # The usage line names the shape, not all ~80 flags: the groups below list them.
+    parser = _Parser(prog="train.py", usage="[deepspeed] train.py [--config FILE] [--FIELD VALUE ...]",
+                     allow_abbrev=False, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Train a soft prompt (InfoPrompt or vanilla prompt tuning) on a frozen,\n"
+                                 "ZeRO-3-sharded backbone; every run is tracked in MLflow.")
     parser.add_argument("--config", help=(
-        "YAML/JSON/TOML file of field: value, flat or nested under the section names below "
-        "(data, method, optimization, evaluation, tracking, launcher); command-line flags override it."))
-    helps = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
+        "YAML/JSON/TOML file of field: value, flat or nested under the group names below "
+        "(model, data, method, optimization, evaluation, tracking, scale); command-line flags override it."))
+    by_name = {f.name: f for f in fields(TrainConfig)}
     for section, names in section_fields().items():
-        group = parser.add_argument_group(section)
+        group = parser.add_argument_group(section, SECTION_HELP.get(section))
         for name in names:
-            group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, help=helps[name])
+            f = by_name[name]
+            text = (f.metadata.get("help", "") + _default_text(f)).replace("%", "%%")
+            group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, help=text.strip())
     return parser
 
 

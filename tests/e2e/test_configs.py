@@ -1,13 +1,18 @@
-"""Every example in configs/ parses and starts: the file as a user copies it, with only the backbone,
-the data files and the length of the run overridden on the command line (a tiny model, 1 step)."""
+"""Every example in configs/ parses and runs as written: its header command, offline, with only the length
+of the run and the output folder overridden (issue 38)."""
 
 import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import ROOT, run_cli
+from infoprompt_ds.env import free_port
 from infoprompt_ds.config import TrainConfig
 from infoprompt_ds.config_load import parse_config
 
@@ -29,38 +34,51 @@ def test_config_parses(path):
     assert cfg.output_dir.startswith("outputs/")
 
 
-def ner_files(d: Path) -> dict[str, str]:
-    sent = "the X O\ngood X B-per\nfilm X I-per\nwas X O\nbad X O\n\n"
-    for split in ("train", "validation", "test"):
-        (d / f"{split}.conll").write_text(sent * 40)
-    return {f"{s}_file": str(d / f"{s}.conll") for s in ("train", "validation", "test")}
+def header_command(path: Path) -> list[str]:
+    """The command in the file's opening comment, as a user copies it."""
+    head = path.read_text().split("\n\n")[0]
+    line = next(l for l in head.splitlines() if l.lstrip("# ").startswith("deepspeed train.py"))
+    return shlex.split(line.lstrip("# "))
 
 
-def rte_files(d: Path) -> dict[str, str]:
-    rows = ["sentence1\tsentence2\tlabel"] + [
-        f"the film was {w}\tit was {w if i % 2 else 'bad'}\t{'entailment' if i % 2 else 'not_entailment'}"
-        for i, w in enumerate(["good", "fine", "nice", "great"] * 20)]
-    for split in ("train", "dev"):
-        (d / f"{split}.tsv").write_text("\n".join(rows))
-    return {"train_file": str(d / "train.tsv"), "test_file": str(d / "dev.tsv")}
+def summary_line(out: str, key: str) -> str:
+    return next(l for l in out.splitlines() if l.startswith(f"{key} ")).split(None, 1)[1].strip()
+
+
+def infoprompt(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A command the run's summary printed, `infoprompt` as this checkout's module (no install needed)."""
+    argv = shlex.split(command)
+    assert argv[0] == "infoprompt", command
+    return subprocess.run([sys.executable, "-m", "infoprompt_ds.cli", *argv[1:]], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_config_starts(path, tmp_path, tiny_bert, tiny_llama_lm):
-    # the decoder example asks readout=lm_label: a causal LM checkpoint (with its LM head)
-    over = {"model_name_or_path": tiny_llama_lm if "decoder" in path.stem else tiny_bert,
-            "output_dir": str(tmp_path / "out"), "max_steps": 1, "eval_steps": 1, "logging_steps": 1,
-            "n_virtual_tokens": 4, "max_length": 24, "k_shot": 8, "per_device_eval_batch_size": 64}
-    text = path.read_text()
-    if "task_type: ner" in text:
-        over.update(ner_files(tmp_path), k_shot="none")
-    elif "glue/rte" in text:
-        over.update(rte_files(tmp_path))
-    args = ["--config", str(path), "--deepspeed", "zero3"] + [x for k, v in over.items() for x in (f"--{k}", str(v))]
-    proc = run_cli(args)  # MLflow: the default sqlite store beside output_dir (tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["test"]
+def test_config_runs_as_written(path, tmp_path):
+    """The header command, offline, on what the README's lines install (the shipped MiniLM, SmolLM2's GGUF,
+    data/examples/), shortened to 2 steps; the run ends quietly with the summary, and its predict command
+    runs as printed (and, for the default job, its compare command)."""
+    cmd = header_command(path)
+    assert cmd[:2] == ["deepspeed", "train.py"], cmd
+    out = tmp_path / "out"
+    args = cmd[2:] + ["--max_steps", "2", "--eval_steps", "2", "--max_eval_samples", "32", "--output_dir", str(out)]
+    proc = run_cli(args, launcher=["deepspeed", "--master_port", str(free_port())])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    for noise in ("An input example was not provided", "Downloading artifacts", "Failed to validate serving input",
+                  "Validating input example"):
+        assert noise not in text, noise
+    block = proc.stdout[proc.stdout.index("== done: "):]
+    assert summary_line(block, "best").startswith("step ")
+    assert summary_line(block, "test").split("=")[0] in json.loads((out / "metrics.json").read_text())["test"]
+    run_id = summary_line(block, "MLflow").split()[1]
+    assert f"runs:/{run_id}/model" in block
     # a static prompt's export carries the PEFT adapter too
-    assert (tmp_path / "out" / "export" / "adapter_config.json").is_file()
+    assert (out / "export" / "adapter_config.json").is_file()
+    pred = infoprompt(summary_line(block, "predict"), tmp_path)
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    assert "label" in json.loads(pred.stdout.splitlines()[-1])
+    if path.stem == "default":
+        cmp = infoprompt(summary_line(block, "compare"), tmp_path)
+        assert cmp.returncode == 0 and "| infoprompt | 1 |" in cmp.stdout, cmp.stderr[-2000:]
