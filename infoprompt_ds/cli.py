@@ -47,7 +47,11 @@ def train_main(argv=None) -> None:
     if int(os.environ.get("RANK", "0")) == 0:  # after the MLflow run has ended: the last lines on screen
         from infoprompt_ds.runtime.summary import print_summary
 
-        print_summary(cfg, result)
+        try:
+            print_summary(cfg, result)
+        except Exception as e:  # the run finished and wrote metrics.json: a summary fault must not fail it
+            print(f"warning: no closing summary ({type(e).__name__}: {e}); results: {cfg.output_dir}/metrics.json",
+                  file=sys.stderr, flush=True)
 
 
 def predict_main(argv=None) -> None:

@@ -62,7 +62,9 @@ def test_config_runs_as_written(path, tmp_path):
     cmd = header_command(path)
     assert cmd[:2] == ["deepspeed", "train.py"], cmd
     out = tmp_path / "out"
-    args = cmd[2:] + ["--max_steps", "2", "--eval_steps", "2", "--max_eval_samples", "32", "--output_dir", str(out)]
+    # shortened: 2 steps, 8 examples per class, 32 to evaluate (the SmolLM2 run costs minutes on CPU otherwise)
+    args = cmd[2:] + ["--max_steps", "2", "--eval_steps", "2", "--k_shot", "8", "--max_eval_samples", "32",
+                      "--output_dir", str(out)]
     proc = run_cli(args, launcher=["deepspeed", "--master_port", str(free_port())])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     text = proc.stdout + proc.stderr

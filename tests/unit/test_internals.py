@@ -122,3 +122,15 @@ def test_transformers_checkpointing_internals(tiny_llama):
     model = LlamaModel.from_pretrained(tiny_llama)
     layers = internals.checkpoint_layers_in_eval_mode(model, {"use_reentrant": False})
     assert layers == list(model.layers) and all(layer.gradient_checkpointing for layer in layers)
+
+
+def test_mlflow_model_log_skips_the_serving_check_when_asked():
+    """log_pyfunc_model_unserved relies on Model.log handing its extra kwargs to the flavor's save_model and
+    reading `validate_serving_input` from them (as MLflow's transformers flavor uses it)."""
+    pytest.importorskip("mlflow")
+    from mlflow.models import Model
+
+    source = inspect.getsource(Model.log)
+    assert 'kwargs.get("validate_serving_input", True)' in source
+    assert "flavor.save_model(path=local_path, mlflow_model=mlflow_model, **kwargs)" in source
+    assert 'kwargs.pop("flavor_name"' in source
