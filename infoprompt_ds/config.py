@@ -237,17 +237,11 @@ class TrainConfig:
                 object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))  # frozen: once, here
         _check_choice("method", self.method, ("infoprompt", "prompt", "probe"))
         _check_choice("estimator", self.estimator, ("authors", "normalized"))
-        _check_choice("prompt_type", self.prompt_type, ("static", "instance"))
-        if self.prompt_type == "instance" and self.method == "probe":
-            raise ConfigError("prompt_type", "method=probe has no prompt; use prompt_type=static")
+        self._check_prompt()
         self._resolve_method_weights()
         if not (math.isfinite(self.tau) and self.tau > 0):
             raise ConfigError("tau", f"must be a finite number > 0, got {self.tau}")
         _check_choice("prompt_init", self.prompt_init, ("random", "vocab", "text", "labels"))
-        _check_choice("prompt_depth", self.prompt_depth, ("input", "deep"))
-        _check_choice("deep_prompt_init", self.deep_prompt_init, ("propagate", "random"))
-        if self.prompt_depth == "deep" and self.method == "probe":
-            raise ConfigError("prompt_depth", "method=probe has no prompt; use prompt_depth=input")
         _check_choice("pooling", self.pooling, ("auto", "cls", "last", "mean"))
         _check_choice("readout", self.readout, ("auto", "cloze", "lm_label", "linear"))
         for name in ("template", "cue"):  # a typed "\n" (CLI, single-quoted YAML) means a newline
@@ -314,6 +308,16 @@ class TrainConfig:
         _check_gib("device_memory_gib", self.device_memory_gib)
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ConfigError("labels", f"has duplicates: {self.labels}")
+
+    def _check_prompt(self):
+        """The prompt's shape: type and depth (method=probe has neither)."""
+        _check_choice("prompt_type", self.prompt_type, ("static", "instance"))
+        if self.prompt_type == "instance" and self.method == "probe":
+            raise ConfigError("prompt_type", "method=probe has no prompt; use prompt_type=static")
+        _check_choice("prompt_depth", self.prompt_depth, ("input", "deep"))
+        _check_choice("deep_prompt_init", self.deep_prompt_init, ("propagate", "random"))
+        if self.prompt_depth == "deep" and self.method == "probe":
+            raise ConfigError("prompt_depth", "method=probe has no prompt; use prompt_depth=input")
 
     def _resolve_method_weights(self):
         """None -> the method's default. Vanilla prompt tuning (and the probe) is InfoPrompt with every MI

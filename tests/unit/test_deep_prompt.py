@@ -33,9 +33,9 @@ def loss_and_grads(model, tok):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])
-def test_control_without_deeper_replacement_equals_input_prompt_bitwise(request, fixture):
+def test_control_without_deeper_replacement_equals_input_prompt_bitwise(four_layers, fixture):
     """A deep model whose layer hooks are removed runs exactly the input-prompt computation."""
-    path = request.getfixturevalue(fixture)
+    path = four_layers(fixture)
     tok, plain = make(path, method="prompt")
     _, deep = make(path, method="prompt", prompt_depth="deep", deep_prompt_init="random")
     assert torch.equal(plain.prompt.weight, deep.prompt.weight)
@@ -48,11 +48,11 @@ def test_control_without_deeper_replacement_equals_input_prompt_bitwise(request,
     assert not gb["deep_prompt.weight"].any()  # unused: no gradient at all
 
 
-def test_decoder_propagate_init_starts_where_the_input_prompt_is(tiny_llama):
+def test_decoder_propagate_init_starts_where_the_input_prompt_is(four_layers):
     """Causal attention: the prompt positions' states do not depend on the input, so the propagated vectors
     are the ones the input prompt already produces there: step 0 = prompt_depth=input (to rounding)."""
-    tok, plain = make(tiny_llama, method="prompt")
-    _, deep = make(tiny_llama, method="prompt", prompt_depth="deep")
+    tok, plain = make(four_layers("tiny_llama"), method="prompt")
+    _, deep = make(four_layers("tiny_llama"), method="prompt", prompt_depth="deep")
     assert not deep.deep_prompt.weight.any()  # a placeholder until init_propagated
     init_propagated(deep)
     assert deep.deep_prompt.weight.abs().sum() > 0
@@ -67,24 +67,24 @@ def test_decoder_propagate_init_starts_where_the_input_prompt_is(tiny_llama):
     ("tiny_bert", {}), ("tiny_bert", {"pooling": "mean"}), ("tiny_bert_mlm", {"readout": "cloze"}),
     ("tiny_bert", {"prompt_type": "instance"}),
 ])
-def test_every_layer_gets_a_gradient(request, fixture, over):
-    path = request.getfixturevalue(fixture)
+def test_every_layer_gets_a_gradient(four_layers, fixture, over):
+    path = four_layers(fixture)
     tok, model = make(path, **{"method": "prompt", **over}, prompt_depth="deep")
     init_propagated(model)
     model.set_z_stats(torch.randn(4, model.head.weight.shape[1]))
     _, grads = loss_and_grads(model, tok)
     g = grads["deep_prompt.weight"]
-    assert g.shape[0] == model.backbone.config.num_hidden_layers - 1
+    assert g.shape[0] == model.backbone.config.num_hidden_layers - 1 == 3
     assert all(g[i].abs().sum() > 0 for i in range(g.shape[0])), g.abs().sum((1, 2))
     assert grads["prompt.weight"].abs().sum() > 0  # layer 0's vectors: the input prompt
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])
-def test_checkpointing_gives_the_same_deep_gradient(request, fixture):
-    path = request.getfixturevalue(fixture)
+def test_checkpointing_gives_the_same_deep_gradient(four_layers, fixture):
+    path = four_layers(fixture)
     tok, plain = make(path, method="prompt", prompt_depth="deep", deep_prompt_init="random")
     _, ckpt = make(path, method="prompt", prompt_depth="deep", deep_prompt_init="random", gradient_checkpointing=True)
-    assert len(ckpt.checkpointed) == 2
+    assert len(ckpt.checkpointed) == 4
     a, ga = loss_and_grads(plain, tok)
     b, gb = loss_and_grads(ckpt, tok)
     assert torch.equal(a["loss"], b["loss"])
