@@ -129,3 +129,10 @@ def test_preflight_refuses_a_model_whose_layers_cannot_be_found(tmp_path, tiny_b
     assert e.value.field == "prompt_depth" and "\n" not in str(e.value)
     ok = TrainConfig(model_name_or_path=tiny_bert, prompt_depth="deep", n_virtual_tokens=4, max_length=16)
     check_prompt_depth(ok, load_model_config(ok), "linear")  # finds BERT's layers
+
+
+def test_memory_plan_counts_the_deep_vectors():
+    from infoprompt_ds.runtime.plan import trainable_params
+
+    deep, plain = TrainConfig(method="prompt", prompt_depth="deep"), TrainConfig(method="prompt")
+    assert trainable_params(deep, 32, layers=4) - trainable_params(plain, 32, layers=4) == 3 * 16 * 32
