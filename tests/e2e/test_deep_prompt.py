@@ -1,5 +1,5 @@
-"""prompt_depth=deep through the real command: 2-rank ZeRO-3 (every layer's vectors move, from the
-propagated start), and on one rank resume (bitwise), export, predict and MLflow; the pre-flight refusal."""
+"""prompt_depth=deep through the real command: 2-rank ZeRO-3 with activation checkpointing (every layer's
+vectors move, from the propagated start), and on one rank resume (bitwise), export, predict and MLflow; the pre-flight refusal."""
 
 import json
 import subprocess
@@ -23,11 +23,12 @@ def assert_ok(proc: subprocess.CompletedProcess):
 def test_two_rank_zero3_deep_prompts_reach_every_layer(tmp_path, four_layers, sentiment_files):
     """A tiny learning rate: after 4 steps every layer's vectors have moved (a gradient reached them: Adam
     moves any element with one by ~lr), and by no more than the steps allow from the propagated start computed
-    here without DeepSpeed: the init ran under ZeRO-3 and reached the optimizer's master copies."""
+    here without DeepSpeed: the init ran under ZeRO-3 and reached the optimizer's master copies. With
+--gradient_checkpointing (the hooks stay outside the recomputed forward)."""
     model = four_layers("tiny_llama")
     out = tmp_path / "deep2"
     over = dict(prompt_depth="deep", method="prompt", max_steps=4, learning_rate=1e-4,
-                eval_steps=4, eval_on_start="false")
+                eval_steps=4, eval_on_start="false", gradient_checkpointing="true")
     args = ["--deepspeed", str(ROOT / "ds_configs/zero3.json"), *tiny_args(model, sentiment_files, out, **over)]
     assert_ok(run_cli(args, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]))
     _, _, ref = build_in_process(model, sentiment_files, tmp_path / "ref", **over)
