@@ -127,11 +127,12 @@ def worker(args) -> None:
     engines: dict[tuple, object] = {}
     readout_of: dict[str, str] = {}  # measure label -> read-out
 
-    def make(method: str, n_virtual: int, max_length: int, readout: str = "linear", prompt_type: str = "static"):
+    def make(method: str, n_virtual: int, max_length: int, readout: str = "linear", prompt_type: str = "static",
+             prompt_depth: str = "input"):
         cfg = TrainConfig(model_name_or_path=args.model, method=method, n_virtual_tokens=n_virtual,
                           max_length=max_length, per_device_train_batch_size=args.batch, bf16=bf16,
                           deepspeed=ds_path, learning_rate=1e-3, output_dir=tempfile.mkdtemp(),
-                          readout=readout, prompt_type=prompt_type, label_words=RT_WORDS)
+                          readout=readout, prompt_type=prompt_type, label_words=RT_WORDS, prompt_depth=prompt_depth)
         mc = load_model_config(cfg)
         tok = load_tokenizer(cfg)
         ds = json.loads(json.dumps(ds_filled))  # the same for every variant: batch, lr, precision, width
@@ -285,6 +286,11 @@ def worker(args) -> None:
             tok = load_tokenizer(next(iter(built.values()))[0])
             measure(label, mc, {v: (c, e) for v, (c, e, _) in built.items()}, L, n_v,
                     tok.mask_token_id if spec == "cloze" else None)
+        elif kind == "depth":  # issue 33: deep prompts against input prompts (vanilla), ratio_to_prompt
+            n_v, L = args.n_virtual, args.seq_len
+            built = {"prompt": make("prompt", n_v, max(L, 8)),
+                     "prompt_deep": make("prompt", n_v, max(L, 8), prompt_depth="deep")}
+            measure("depth", built["prompt"][2], {v: (c, e) for v, (c, e, _) in built.items()}, L, n_v)
         elif kind == "seq":  # sequence-length sweep, prompt + infoprompt, one engine each
             n_v = args.n_virtual
             lengths = [int(x) for x in spec.split("/")]
@@ -415,6 +421,11 @@ def cells_for(args) -> list[dict]:
                 model, batch, length = models[kind]()
                 cells.append({"name": f"readout-{kind}-w{world}-z3", "world": world, "zero": 3, **model, "batch": batch,
                               "seq_len": length, "what": f"readout:{kind}", "variants": ",".join(READOUT_VARIANTS)})
+    if "depth" in suites:  # issue 33: step cost of prompt_depth=deep vs input, ZeRO-3, 1 and 2 ranks
+        for world in (1, 2):
+            if not (world > 1 and gpu and torch.cuda.device_count() < 2):
+                cells.append({"name": f"depth-w{world}-z3", "world": world, "zero": 3, **minilm, "batch": args.batch,
+                              "seq_len": args.seq_len, "what": "depth"})
     if "scaling" in suites or "all" in suites:
         cells.append({"name": "scaling-seq-w1-z3", "world": 1, "zero": 3, **minilm, "batch": args.batch,
                       "seq_len": args.seq_len, "what": "seq:" + args.seq_lens})
@@ -445,7 +456,7 @@ def cells_for(args) -> list[dict]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="all", help="all | cost,readouts,scaling,efficiency,gpu")
+    ap.add_argument("--suite", default="all", help="all | cost,readouts,scaling,efficiency,gpu | depth (not in all)")
     ap.add_argument("--model", default=MINILM)
     ap.add_argument("--model_label", default="all-MiniLM-L6-v2")
     ap.add_argument("--batch", type=int, default=16)

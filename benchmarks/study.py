@@ -70,6 +70,9 @@ ARMS: dict[str, dict[str, str]] = {
     "zeroshot": {"method": "probe"},
     # HF PEFT prompt tuning trained by the HF Trainer (peft_prompt.py; `method` is ignored there), vs `prompt`.
     "peft": {"method": "prompt"},
+    # Deep prompts (issue 33): vectors at every layer's input, vs input prompts; the two deep inits vs each other.
+    "prompt_deep": {"method": "prompt", "prompt_depth": "deep"},
+    "prompt_deep_random": {"method": "prompt", "prompt_depth": "deep", "deep_prompt_init": "random"},
     # Length-grouped training order (issue 37): the same job with --group_by_length true, vs the default order.
     "infoprompt_grouped": {"method": "infoprompt", "group_by_length": "true"},
 }
@@ -79,7 +82,7 @@ SCRIPTS = {"zeroshot": "benchmarks/zero_shot.py", "peft": "benchmarks/peft_promp
 CONTROL = {"infoprompt_vib": "prompt_vib", "infoprompt_instance": "prompt_instance",
            "infoprompt_random": "prompt_random", "infoprompt_linear": "prompt_linear",
            "prompt": "zeroshot", "zeroshot": None,  # None: the floor
-           "infoprompt_grouped": "infoprompt"}
+           "infoprompt_grouped": "infoprompt", "prompt_deep_random": "prompt_deep"}
 
 R8_WORDS = "earn=earn,acq=acquisition,crude=oil,trade=trade,money-fx=currency,interest=interest,ship=ship,grain=grain"
 # One common word per newsgroup; first tokens differ under MiniLM's WordPiece and SmolLM2's BPE (check_tokenizer).

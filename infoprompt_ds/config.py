@@ -101,6 +101,14 @@ class TrainConfig:
         "random (normal, std of the vocab embeddings) | vocab (seeded vocabulary rows) | text "
         "(embeddings of prompt_init_text) | labels (label words' embeddings, then vocab rows).")})
     prompt_init_text: Optional[str] = field(default=None, metadata={"help": "Text for prompt_init=text."})
+    prompt_depth: str = field(default="input", metadata={"help": (
+        "input (the prompt is prepended to the input embeddings) | deep (also trainable vectors at the prompt "
+        "positions of every layer's input, replacing the hidden states there: deep prompt tuning / P-tuning v2; "
+        "the MI terms use the input-layer prompt; docs/method.md).")})
+    deep_prompt_init: str = field(default="propagate", metadata={"help": (
+        "prompt_depth=deep: start of the deeper layers' vectors. propagate (the states the initial input "
+        "prompt has at each layer, from one no-grad pass; a decoder's step 0 then equals prompt_depth=input) | "
+        "random (normal, std 0.02).")})
     pooling: str = field(default="auto", metadata={"help": (
         "auto (cls for encoders, last for decoders) | cls (first real token) | last (last non-pad token) | mean.")})
     readout: str = field(default="auto", metadata={"help": (
@@ -229,9 +237,7 @@ class TrainConfig:
                 object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))  # frozen: once, here
         _check_choice("method", self.method, ("infoprompt", "prompt", "probe"))
         _check_choice("estimator", self.estimator, ("authors", "normalized"))
-        _check_choice("prompt_type", self.prompt_type, ("static", "instance"))
-        if self.prompt_type == "instance" and self.method == "probe":
-            raise ConfigError("prompt_type", "method=probe has no prompt; use prompt_type=static")
+        self._check_prompt()
         self._resolve_method_weights()
         if not (math.isfinite(self.tau) and self.tau > 0):
             raise ConfigError("tau", f"must be a finite number > 0, got {self.tau}")
@@ -302,6 +308,16 @@ class TrainConfig:
         _check_gib("device_memory_gib", self.device_memory_gib)
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ConfigError("labels", f"has duplicates: {self.labels}")
+
+    def _check_prompt(self):
+        """The prompt's shape: type and depth (method=probe has neither)."""
+        _check_choice("prompt_type", self.prompt_type, ("static", "instance"))
+        if self.prompt_type == "instance" and self.method == "probe":
+            raise ConfigError("prompt_type", "method=probe has no prompt; use prompt_type=static")
+        _check_choice("prompt_depth", self.prompt_depth, ("input", "deep"))
+        _check_choice("deep_prompt_init", self.deep_prompt_init, ("propagate", "random"))
+        if self.prompt_depth == "deep" and self.method == "probe":
+            raise ConfigError("prompt_depth", "method=probe has no prompt; use prompt_depth=input")
 
     def _resolve_method_weights(self):
         """None -> the method's default. Vanilla prompt tuning (and the probe) is InfoPrompt with every MI

@@ -129,6 +129,14 @@ def checkpointing_layer_class():
     return GradientCheckpointingLayer
 
 
+def backbone_layers(backbone) -> list:
+    """The backbone's transformer layers in call order: the modules that subclass transformers'
+    GradientCheckpointingLayer (BertLayer, LlamaDecoderLayer...). Empty before transformers 4.52 or for a
+    class without per-layer checkpointing. Used by --gradient_checkpointing and prompt_depth=deep."""
+    base = checkpointing_layer_class()
+    return [m for m in backbone.modules() if base is not None and isinstance(m, base)]
+
+
 def checkpoint_layers_in_eval_mode(backbone, checkpoint_kwargs: dict) -> list:
     """Activation checkpointing of every layer of a backbone that runs in eval mode. transformers
     checkpoints a layer only while that layer's `training` flag is set, but a frozen backbone stays in eval
@@ -142,9 +150,7 @@ def checkpoint_layers_in_eval_mode(backbone, checkpoint_kwargs: dict) -> list:
         enable(activation_checkpointing_kwargs=checkpoint_kwargs)
     else:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
-    base = checkpointing_layer_class()
-    layers = [m for m in backbone.modules()
-              if base is not None and isinstance(m, base) and getattr(m, "gradient_checkpointing", False)]
+    layers = [m for m in backbone_layers(backbone) if getattr(m, "gradient_checkpointing", False)]
     for layer in layers:
         layer._gradient_checkpointing_func = _in_eval_mode(layer, layer._gradient_checkpointing_func)
     return layers

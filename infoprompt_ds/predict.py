@@ -41,7 +41,8 @@ class Predictor:
                           k_shot=None, task_type=meta.get("task_type", "classification"),
                           entity_markers=meta.get("entity_markers", ["<e1>", "</e1>", "<e2>", "</e2>"]),
                           vib_head=bool(meta.get("vib_head", False)), estimator=meta.get("estimator", "normalized"),
-                          bottleneck_dim=meta.get("bottleneck_dim") or 32, prompt_type=meta.get("prompt_type", "static"))
+                          bottleneck_dim=meta.get("bottleneck_dim") or 32, prompt_type=meta.get("prompt_type", "static"),
+                          prompt_depth=meta.get("prompt_depth", "input"))
         # Exports written before read-outs existed used the linear head (no template).
         readout = Readout.from_meta(meta, pair=meta.get("text_pair_column") is not None)
         model_config = load_model_config(cfg)
@@ -49,7 +50,7 @@ class Predictor:
         backbone = load_backbone(cfg.model_name_or_path, model_config, readout)
         model = InfoPromptModel(backbone, len(meta["labels"]), meta["pooling"], cfg, token_level=cfg.task_type == "ner",
                                 readout=readout)
-        wanted = {k: v for k, v in tensors.items() if k.startswith(("prompt.", "generator.", "head.", "vib."))}
+        wanted = {k: v for k, v in tensors.items() if k.startswith(("prompt.", "deep_prompt.", "generator.", "head.", "vib."))}
         if meta.get("z_stats"):  # the VIB classifier saw z standardised by the training run's statistics
             model.z_mean.copy_(torch.tensor(meta["z_stats"]["mean"]))
             model.z_std.copy_(torch.tensor(meta["z_stats"]["std"]))
@@ -117,6 +118,11 @@ def check_export(export_dir, tensors: dict, meta: dict, hidden: Optional[int] = 
         if prompt is None or prompt.dim() != 2 or prompt.shape[0] != meta["n_virtual_tokens"]:
             raise ConfigError("export", f"{where} says n_virtual_tokens={meta['n_virtual_tokens']} but prompt.weight "
                               f"is {list(prompt.shape) if prompt is not None else 'missing'}")
+    deep = tensors.get("deep_prompt.weight")
+    if meta.get("prompt_depth", "input") == "deep" and (deep is None or deep.dim() != 3 or prompt is None
+                                                        or deep.shape[1:] != prompt.shape):
+        raise ConfigError("export", f"{where} says prompt_depth=deep but deep_prompt.weight is "
+                          f"{list(deep.shape) if deep is not None else 'missing'} (needs [layers - 1, n, d])")
     if hidden is not None and head.shape[1] != hidden:
         raise ConfigError("model_name_or_path", f"{backbone} is {hidden} wide, but the export was trained on a "
                           f"{head.shape[1]}-wide backbone ({meta['backbone']}); give that backbone")

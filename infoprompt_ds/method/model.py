@@ -23,6 +23,7 @@ from infoprompt_ds.backbone import resolve_model_path
 from infoprompt_ds.internals import (checkpoint_layers_in_eval_mode, keep_alive, masked_lm_model_types,
                                     zero3_load_context)
 from infoprompt_ds.method.prompt import PromptGenerator, SoftPrompt, head_init, init_values
+from infoprompt_ds.method.deep import DeepHooks, DeepPrompt, find_layers, random_values, refusal
 from infoprompt_ds.data.tasks import Task
 
 
@@ -113,6 +114,14 @@ class InfoPromptModel(nn.Module):
         self.register_buffer("z_std", torch.ones(hidden), persistent=False)
         self.register_buffer("vocab_mean", torch.zeros(hidden), persistent=False)  # set by build_model
         self.checkpointed = enable_checkpointing(backbone) if cfg.gradient_checkpointing else []
+        # prompt_depth=deep (method/deep.py): vectors for layers 1..L-1; layer 0's are self.prompt.
+        self.deep_prompt, self.deep_hooks = None, None
+        if cfg.prompt_depth == "deep" and self.prompt is not None:
+            layers = find_layers(backbone, getattr(backbone.config, "num_hidden_layers", None))
+            if not layers:  # pre-flight refuses such a class before loading; this is the backstop
+                raise ConfigError("prompt_depth", refusal(backbone.config))
+            self.deep_prompt = DeepPrompt(len(layers), cfg.n_virtual_tokens, hidden)
+            self.deep_hooks = DeepHooks(layers, cfg.n_virtual_tokens)
 
     @property
     def needs_noise(self) -> bool:
@@ -161,6 +170,31 @@ class InfoPromptModel(nn.Module):
         # base_model: the encoder/decoder stack without an LM head (the model itself for AutoModel).
         return self.backbone.base_model(**kwargs).last_hidden_state
 
+    def _encode_prompted(self, embeds, mask, token_type_ids, deep: Optional[torch.Tensor]):
+        """_encode with the deep vectors in place at layers 1..L-1 for this pass only (deep None: input
+        prompt only). The hooks read them when each layer starts; cleared after, so the unprompted pass
+        (and any other) sees the plain backbone."""
+        if deep is None:
+            return self._encode(embeds, mask, token_type_ids)
+        self.deep_hooks.values = deep
+        try:
+            return self._encode(embeds, mask, token_type_ids)
+        finally:
+            self.deep_hooks.values = None
+
+    def propagated_prompt(self) -> torch.Tensor:
+        """[L-1, n, d]: the states at the prompt positions entering layers 1..L-1 when the input prompt
+        alone goes through the frozen backbone (deep_prompt_init=propagate). No gradient."""
+        with torch.no_grad():
+            prompt = self.prompt.weight * 1
+            mask = torch.ones(1, prompt.shape[0], dtype=torch.long, device=prompt.device)
+            self.deep_hooks.record = []
+            try:
+                self._encode(prompt.unsqueeze(0), mask, None)
+                return torch.stack([s[0] for s in self.deep_hooks.record])
+            finally:
+                self.deep_hooks.record = None
+
     def _pool(self, hidden, mask, offset: int, entity_pos=None, mask_pos=None):
         """Representation z: hidden state at the first real token (cls), last real token (last), the mean
         over real tokens (mean), or the mean of the two entity start markers (markers, relations).
@@ -193,10 +227,12 @@ class InfoPromptModel(nn.Module):
         return self.head(self.vib.decode(mi.sample(mu, log_sigma, eps)))
 
     def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None, entity_pos=None, mask_pos=None,
-                z_unprompted=None, eps_pos=None, eps_neg=None, mi_scale: float = 1.0, unprompted_only: bool = False
-                ) -> dict[str, Any]:
+                z_unprompted=None, eps_pos=None, eps_neg=None, mi_scale: float = 1.0, unprompted_only: bool = False,
+                deep_record: bool = False) -> dict[str, Any]:
         if unprompted_only:  # routed through forward so that DeepSpeed's engine hooks see the pass
             return {"z": self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos, mask_pos)}
+        if deep_record:  # deep_prompt_init=propagate (deep.init_propagated), through the engine likewise
+            return {"deep": self.propagated_prompt()}
         embeds = self.backbone.get_input_embeddings()(input_ids)
         b, n = input_ids.shape[0], self.n_virtual_tokens
         prompt = embeds.new_zeros(0, embeds.shape[-1])
@@ -218,7 +254,9 @@ class InfoPromptModel(nn.Module):
         full_tt = None
         if token_type_ids is not None:
             full_tt = torch.cat([token_type_ids.new_zeros(b, n), token_type_ids], dim=1)
-        hidden = self._encode(full_embeds, full_mask, full_tt)
+        # "* 1" as for the prompt: read here (ZeRO-3 fetches it for this forward), a non-leaf for the hooks.
+        deep = self.deep_prompt.weight.to(embeds.dtype) * 1 if self.deep_prompt is not None else None
+        hidden = self._encode_prompted(full_embeds, full_mask, full_tt, deep)
         z = self._pool(hidden, attention_mask, n, entity_pos, mask_pos)
         # NER: the head scores every input token; the MI terms use the sentence's pooled representation.
         logits = self.head(hidden[:, n:]) if self.token_level else self.classify(z, eps_pos)
@@ -285,6 +323,8 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, task: Task, dtype: to
         if model.prompt is not None:
             model.prompt.weight.copy_(init_values(cfg.prompt_init, cfg.n_virtual_tokens, emb, tokenizer, cfg.seed,
                                                   cfg.prompt_init_text, words))
+        if model.deep_prompt is not None and cfg.deep_prompt_init == "random":  # propagate: deep.init_propagated
+            model.deep_prompt.weight.copy_(random_values(model.deep_prompt.weight.shape, cfg.seed))
         if words and not readout.templated:
             model.head.weight.copy_(head_init(emb, tokenizer, words))
             model.head.bias.zero_()
@@ -298,7 +338,7 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, task: Task, dtype: to
             model.head.bias.copy_(bias)
     keep_alive(model, hf_ds)  # as long as the model lives (transformers holds a weakref)
     # The new parts were made outside zero.Init: give them the engine's dtype, or bf16 runs fail.
-    for part in (model.prompt, model.generator, model.head, model.vib, model.estimator):
+    for part in (model.prompt, model.deep_prompt, model.generator, model.head, model.vib, model.estimator):
         if part is not None:
             part.to(dtype)
     return model

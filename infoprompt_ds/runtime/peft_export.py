@@ -18,6 +18,8 @@ type says which model PEFT wraps, after the read-out the run used:
 Not representable, so no adapter is written (the reason is logged): instance-dependent prompts (PEFT's
 prompt is one tensor for every input) and method=probe (no prompt). What PEFT ignores: a VIB classifier,
 trained class rows and the MI estimator; they travel in infoprompt.safetensors (see docs/peft.md).
+prompt_depth=deep: the adapter is the input-layer prompt only (a note is logged); the deeper layers' vectors
+replace hidden states, which neither PEFT prompt tuning nor its prefix tuning (key/value prefixes) represents.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from safetensors.torch import save_file
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PROMPT_KEY = "prompt.weight"  # our export's name for P (n x d)
+DEEP_KEY = "deep_prompt.weight"  # prompt_depth=deep: layers 1..L-1's vectors ([L-1, n, d]); not PEFT-loadable
 TASK_TYPES = {"lm_label": "CAUSAL_LM", "cloze": "FEATURE_EXTRACTION", "linear": "FEATURE_EXTRACTION"}
 
 
@@ -58,6 +61,10 @@ def save_peft_adapter(path: Path, tensors: dict[str, torch.Tensor], meta: dict[s
     from peft import PromptTuningConfig
 
     prompt = tensors[PROMPT_KEY].detach().float().cpu().contiguous()
+    if DEEP_KEY in tensors:  # PEFT's prefix tuning holds per-layer key/value prefixes, not hidden states
+        print(f"[export] the PEFT adapter in {path.name} is the input-layer prompt only: PEFT cannot load the "
+              f"deeper layers' vectors ({DEEP_KEY}, prompt_depth=deep); predict with infoprompt", file=sys.stderr,
+              flush=True)
     # PEFT's own config class writes the json, so the file is exactly what PeftModel.from_pretrained reads;
     # num_layers/num_attention_heads are left for PEFT to fill from the backbone's config at load time.
     PromptTuningConfig(task_type=peft_task_type(meta), num_virtual_tokens=prompt.shape[0], token_dim=prompt.shape[1],

@@ -145,10 +145,13 @@ def shape_of(model_config) -> Shape:
                  heads=get("num_attention_heads", "n_head"), vocab=get("vocab_size"))
 
 
-def trainable_params(cfg, hidden: int, n_labels: int = 2) -> int:
-    """Prompt (n·d) + linear head (d·C); InfoPrompt adds its two d×d critics and the k-wide bottleneck."""
+def trainable_params(cfg, hidden: int, n_labels: int = 2, layers: int = 0) -> int:
+    """Prompt (n·d) + linear head (d·C); InfoPrompt adds its two d×d critics and the k-wide bottleneck;
+    prompt_depth=deep adds (layers - 1)·n·d."""
     n = 0 if cfg.method == "probe" else cfg.n_virtual_tokens
     t = n * hidden + hidden * n_labels
+    if getattr(cfg, "prompt_depth", "input") == "deep":  # getattr: a config tree without the field
+        t += max(layers - 1, 0) * n * hidden
     if cfg.uses_mi:
         t += 2 * hidden * hidden + 2 * hidden * cfg.bottleneck_dim
     return t
@@ -176,7 +179,7 @@ def setup_of(cfg, ds: dict[str, Any], ranks: int, shape: Shape, on_gpu: bool, fi
                  bytes_per_weight=b, checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)),
                  offload_param=off_p, offload_optimizer=off_o,
                  gather_one_at_a_time=z("stage3_prefetch_bucket_size") == 0 and z("stage3_max_reuse_distance") == 0,
-                 trainable=trainable_params(cfg, shape.hidden), on_gpu=on_gpu,
+                 trainable=trainable_params(cfg, shape.hidden, layers=shape.layers), on_gpu=on_gpu,
                  swap_buffer_bytes=int(z("offload_param.buffer_count") or 5) * buf_size * b,
                  weight_file_bytes=file_bytes)
 

@@ -22,6 +22,7 @@ from infoprompt_ds.runtime.plan import plan_run
 from infoprompt_ds.runtime.selection import with_default_metric
 from infoprompt_ds.metrics import check_metric
 from infoprompt_ds.method.model import load_model_config, load_tokenizer
+from infoprompt_ds.method.deep import check_prompt_depth
 from infoprompt_ds.tracking.store import check_tracking
 
 
@@ -80,6 +81,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     data = with_default_metric(data, cfg.metric_for_best_model, rank)  # auto on imbalanced validation: macro_f1
     preflight.check_label_words(data.task, tokenizer)
     preflight.check_gradient_checkpointing(cfg, model_config, data.readout.kind)
+    check_prompt_depth(cfg, model_config, data.readout.kind)  # deep: the layers must be found (method/deep.py)
     preflight.check_validation_labels(data)
     identity = outdir.run_identity(cfg, data, model_config, world, zero_stage(ds_raw), resume)
     if resume is not None:

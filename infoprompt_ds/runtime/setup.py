@@ -33,6 +33,7 @@ from infoprompt_ds.runtime.loss_guard import LossGuard
 from infoprompt_ds.runtime.process_group import announce_shm_op_build, init_process_group, unlink_deepspeed_shm
 from infoprompt_ds.method.loss import Diagnostics, inverse_frequency
 from infoprompt_ds.method.model import build_model
+from infoprompt_ds.method.deep import init_propagated
 from infoprompt_ds.tracking.run_metadata import run_name_for, run_tags
 from infoprompt_ds.tracking.client import Tracker
 from infoprompt_ds.runtime.prepare import prepare
@@ -141,6 +142,8 @@ def setup(cfg: TrainConfig) -> Run:
     collate = DataCollatorForTokenClassification(prep.tokenizer, return_tensors="pt") if task.type == "ner" \
         else DataCollatorWithPadding(prep.tokenizer, return_tensors="pt")
     client = load_checkpoint(engine, prep.resume) if prep.resume is not None else {}
+    if not client and engine.module.deep_prompt is not None and cfg.deep_prompt_init == "propagate":
+        init_propagated(engine.module, engine)  # needs the engine (ZeRO-3's hooks); a resume loads the vectors
     tracker = Tracker(enabled=prep.rank == 0)
     tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name_for(cfg), client.get("mlflow_run_id"), run_tags(cfg),
                   system_metrics=cfg.system_metrics or None)
@@ -153,6 +156,7 @@ def setup(cfg: TrainConfig) -> Run:
             "vib_head": engine.module.vib is not None, "estimator": cfg.estimator,
             "z_stats": None,  # set by fit once the unprompted pass has run (estimator=normalized)
             **engine.module.readout.meta(), "prompt_type": cfg.prompt_type,  # readout, template, cue
+            "prompt_depth": cfg.prompt_depth,
             "task_type": task.type, "entity_markers": cfg.entity_markers, "label_words": task.label_words,
             "metric": task.metric}
     run = Run(cfg, prep.rank, prep.world, device, engine, prep.data, collate, prep.tokenizer, tracker, out,
