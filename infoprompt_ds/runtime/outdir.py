@@ -32,6 +32,9 @@ LOCK = ".infoprompt.lock"
 STATE = ("metrics.json", "config.json", "ds_config.json", "export", "best", "checkpoints")
 # What an export folder may hold: ours, plus a PEFT-format adapter and its card written beside it.
 EXPORT_FILES = re.compile(r"infoprompt\.safetensors|infoprompt_config\.json|adapter_.*|README\.md")
+# Written at start-up, before any step: a folder holding only these saw no step (a failed start) and holds
+# nothing a fresh run could lose; refusing it blocked the corrected command (issue 34 item 5).
+STARTUP_ONLY = {"config.json", "ds_config.json"}
 CHECKPOINT_ENTRIES = re.compile(r"latest|step\d+|zero_to_\w+\.py")  # DeepSpeed adds its converters
 
 
@@ -107,6 +110,8 @@ def check_output_dir_state(cfg: TrainConfig) -> None:
     _refuse_foreign_folder(out)
     _probe_lock(out)
     state = _state(out)
+    if set(state) <= STARTUP_ONLY:
+        state = []
     if state and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
         raise ConfigError("output_dir", f"{out} holds another run ({', '.join(state)}); pass --overwrite_output_dir "
                           f"true to replace it, --resume_from_checkpoint latest to continue it, or another output_dir")

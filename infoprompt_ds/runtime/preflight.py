@@ -220,6 +220,74 @@ def check_model_path(cfg: TrainConfig) -> None:
                           f"{why}; give a local model folder{did_you_mean(name)}")
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Why a .safetensors file cannot load, from its header alone (8-byte length, JSON, data offsets): a
+    truncated copy is named in milliseconds instead of after the engine is built."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size, 100 * 2**20):
+                return "its header is damaged"
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return "its header is damaged"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + n + end:
+        return f"it is truncated ({size} bytes, its header says {8 + n + end})"
+    return None
+
+
+def _bin_problem(path: Path) -> Optional[str]:
+    import zipfile
+
+    with open(path, "rb") as f:
+        legacy = f.read(2) not in (b"PK",)
+    if legacy:  # the pre-1.6 torch format: only an empty file is known bad without unpickling
+        return "it is empty" if path.stat().st_size == 0 else None
+    try:
+        zipfile.ZipFile(path).close()  # reads the central directory at the end: gone when truncated
+    except (zipfile.BadZipFile, OSError):
+        return "it is truncated or damaged (not a complete zip archive)"
+    return None
+
+
+def check_weight_files(cfg: TrainConfig) -> None:
+    """A local backbone folder must hold complete weights before anything is written (issue 34 item 5):
+    from_pretrained found a missing or truncated file only after 30-40 s, with the output folder made."""
+    import json
+
+    from infoprompt_ds.backbone import resolve_model_path
+
+    folder = Path(resolve_model_path(cfg.model_name_or_path)).expanduser()
+    if not folder.is_dir():
+        return  # a hub name: from_pretrained resolves (and checks) the cached files
+    present = [f for f in WEIGHT_FILES if (folder / f).is_file()]
+    if not present:
+        raise ConfigError("model_name_or_path", f"{folder} has no weight files ({', '.join(WEIGHT_FILES[::2])} or a "
+                          f"sharded index); save the model there (model.save_pretrained)")
+    files = [folder / present[0]]
+    if present[0].endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(files[0].read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConfigError("model_name_or_path", f"{files[0]} is not a weight index (no weight_map); save the "
+                              f"model again")
+        files = [folder / s for s in shards]
+    for f in files:
+        problem = "it is missing" if not f.is_file() else \
+            _safetensors_problem(f) if f.suffix == ".safetensors" else _bin_problem(f)
+        if problem:
+            raise ConfigError("model_name_or_path", f"weight file {f} cannot load: {problem}; copy or save the model "
+                              f"again")
+
+
 def check_tokenizer(cfg: TrainConfig, tokenizer) -> None:
     """Limits that only the tokenizer knows: what max_length must leave room for, and that the prompt's
     init text gives tokens."""
