@@ -94,3 +94,45 @@ def test_a_folder_where_no_step_ran_is_not_another_run(tiny_bert, sentiment_file
     assert code == "accepted", lines
     (out / "checkpoints" / "step2").mkdir()  # a step saved (even incomplete): that is a run
     assert_refused(_args(tiny_bert, sentiment_files, out), "output_dir", "holds another run")
+
+
+FORGER = """
+import json, os, socket, sys
+from infoprompt_ds.tracking.client import RUN_MARKER, Tracker
+t = Tracker(enabled=True)  # another experiment's live run, started from another folder
+victim = t.start("someone-else", sys.argv[1], "victim", None, {})
+out = sys.argv[2]
+os.makedirs(out)
+with open(os.path.join(out, RUN_MARKER), "w") as f:  # a marker naming it, with a dead pid of this host
+    json.dump({"run_id": victim, "uri": t.uri, "pid": 2**22 + 17, "host": socket.gethostname()}, f)
+print(victim, flush=True)
+"""
+
+
+def test_a_forged_run_marker_never_ends_a_run_we_did_not_start(tiny_bert, sentiment_files, tmp_path):
+    """Issue 34 item 2: a shared store; another folder's RUNNING run named by a planted mlflow_run.json. A
+    fresh training in the planted folder leaves that run RUNNING, says so in one line, and ends its own."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from conftest import ROOT
+
+    uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
+    (tmp_path / "shared").mkdir()
+    env = {"MLFLOW_TRACKING_URI": uri}
+    out = tmp_path / "run"
+    forged = subprocess.run([sys.executable, "-c", FORGER, str(tmp_path / "other"), str(out)], cwd=ROOT,
+                            env={**__import__("os").environ, **env}, capture_output=True, text=True, timeout=300)
+    assert forged.returncode == 0, forged.stderr[-2000:]
+    victim = forged.stdout.split()[-1]
+    client = MlflowClient(uri)
+    assert client.get_run(victim).info.status == "RUNNING"
+    r = run_cli(_args(tiny_bert, sentiment_files, out), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert client.get_run(victim).info.status == "RUNNING"  # before: KILLED
+    warned = [ln for ln in stderr_lines(r.stderr) if victim in ln]
+    assert len(warned) == 1 and "no training in" in warned[0], warned
+    own = json.loads((out / "metrics.json").read_text())["mlflow_run_id"]
+    assert own != victim and client.get_run(own).info.status == "FINISHED"
