@@ -90,6 +90,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     micro_per_epoch, total_steps = plan_steps(cfg, len(data.splits["train"]), world)
     ds_config = fill_ds_config(ds_raw, cfg, world, total_steps, model_config.hidden_size,
                                largest_weight=getattr(model_config, "vocab_size", 0) * model_config.hidden_size)
+    if resume is not None:
+        outdir.check_resume_plan(resume, total_steps, ds_config, Path(cfg.output_dir))
     estimate = plan_run(cfg, ds_config, model_config, world, strict=False)  # None: a backbone it cannot build
     preflight.report_plan(cfg, estimate)
     preflight.check_offload(cfg, ds_config, estimate.nvme_bytes if estimate else 0)
