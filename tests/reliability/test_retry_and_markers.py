@@ -8,6 +8,7 @@ step) is not "another run". Item 2: real trainings against one shared sqlite sto
 from __future__ import annotations
 
 import json
+import signal
 import shutil
 import time
 from pathlib import Path
@@ -136,3 +137,24 @@ def test_a_forged_run_marker_never_ends_a_run_we_did_not_start(tiny_bert, sentim
     assert len(warned) == 1 and "no training in" in warned[0], warned
     own = json.loads((out / "metrics.json").read_text())["mlflow_run_id"]
     assert own != victim and client.get_run(own).info.status == "FINISHED"
+
+
+def test_sigusr1_during_start_up_is_the_documented_stop(tiny_bert, sentiment_files, tmp_path):
+    """Issue 34 item 6: SIGUSR1 while the run starts (pre-flight has printed its plan; the weights are not
+    loaded yet) used to kill it silently (rc -10). Now: the first step ends, a checkpoint, exit 75."""
+    from infoprompt_ds.runtime.checkpoint import resolve_checkpoint
+    from reliability_lib import kill_session, launch, python_cmd, wait_until
+
+    out, log = tmp_path / "run", tmp_path / "log"
+    proc = launch(python_cmd(_args(tiny_bert, sentiment_files, out, max_steps=5000, save_steps=0)), log)
+    try:
+        assert wait_until(lambda: "plan: " in log.read_text(), 300, proc), log.read_text()[-3000:]
+        assert not (out / "ranks").exists()  # still starting: the engine is not built
+        proc.send_signal(signal.SIGUSR1)
+        rc = proc.wait(timeout=300)
+    finally:
+        kill_session(proc)
+    text = log.read_text()
+    assert rc == 75, text[-3000:]
+    assert "Traceback" not in text and "[stop] signal 10" in text, text[-3000:]
+    assert resolve_checkpoint("latest", str(out)).name == "step1"
