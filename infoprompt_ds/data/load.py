@@ -17,7 +17,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Sequence, load_dataset
 
 from infoprompt_ds.config import ConfigError, TrainConfig, one_line
-from infoprompt_ds.data.checks import check_classification_file, check_label_forms, root_cause
+from infoprompt_ds.data.checks import (check_classification_file, check_label_forms, check_texts_not_all_empty, root_cause, warn_shared_files)
 from infoprompt_ds.data import readout as readouts
 from infoprompt_ds.data.readout import LINEAR, Readout
 from infoprompt_ds.data.tasks import NO_RELATION, PRESETS, Task, normalise_file
@@ -92,6 +92,7 @@ def _load_local(files: dict[str, str], cfg: TrainConfig, task: Task) -> DatasetD
             raise ConfigError(field_name, f"{f}: unsupported format for {task.type}; use csv, tsv, json or jsonl")
         if task.type == "classification":  # name, line and cause of a bad file, before `datasets` reads it
             check_classification_file(paths[split_name], field_name, list(_columns(task)))
+    warn_shared_files(files)
     formats = {str(LOCAL_FORMATS[Path(p).suffix.lower()]) for p in paths.values()}
     if len(formats) > 1:
         raise ConfigError("train_file", "train/validation/test files must share one format")
@@ -350,6 +351,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, model_config=None) -> TaskData:
     task = resolve_task(cfg)
     ds = split(load_raw(cfg, task), cfg)
     check_columns(ds, task)
+    if task.type != "ner":
+        check_texts_not_all_empty(ds, _columns(task)[0], "train_file" if cfg.train_file else "dataset")
     names, labels = resolve_labels(ds, task)
     ro = resolve_readout(cfg, dataclasses.replace(task, labels=tuple(names)), tokenizer, model_config)
     train = ds["train"]
