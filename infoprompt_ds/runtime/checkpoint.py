@@ -43,10 +43,16 @@ def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     if not (path / EXPORT_WEIGHTS).is_file() or not (path / EXPORT_CONFIG).is_file():
         raise ConfigError("export", f"{path} is not an infoprompt export (needs {EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
     try:  # safetensors only: no pickle is ever unpickled from an export
-        return load_file(str(path / EXPORT_WEIGHTS)), json.loads((path / EXPORT_CONFIG).read_text())
+        tensors, meta = load_file(str(path / EXPORT_WEIGHTS)), json.loads((path / EXPORT_CONFIG).read_text())
     except Exception as e:  # a truncated/tampered weights file or a broken JSON: one clear line
         raise ConfigError("export", f"{path} could not be read as an infoprompt export (safetensors + JSON): "
                           f"{one_line(e)}")
+    for name, t in tensors.items():  # a NaN adapter predicted one class for everything, silently (issue 34)
+        bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        if bad:
+            raise ConfigError("export", f"{path / EXPORT_WEIGHTS}: {name} holds {bad} NaN/inf value(s) of {t.numel()}; "
+                              f"it cannot predict; use another export (best/, or one from an earlier checkpoint)")
+    return tensors, meta
 
 
 # --- DeepSpeed checkpoints ----------------------------------------------------------------------------
