@@ -127,6 +127,10 @@ def load_raw(cfg: TrainConfig, task: Task) -> DatasetDict:
     if Path(name).suffix.lower() in LOCAL_FORMATS or Path(name).suffix.lower() in (".txt", ".conll") \
             or Path(name).exists():
         return _load_local({"train": ("dataset", name)}, cfg, task)
+    why = _uncached_and_offline(name)
+    if why:
+        raise ConfigError("dataset", f"{name!r} is not a preset, a local file nor in the datasets cache, and {why}; "
+                          f"give --train_file (csv/json) or run once with the hub reachable")
     try:
         raw = load_dataset(name, config_name)
     except Exception as e:
@@ -137,6 +141,21 @@ def load_raw(cfg: TrainConfig, task: Task) -> DatasetDict:
         # carved from train (what few-shot papers do).
         raw = DatasetDict({"train": raw["train"], "test": raw["validation"]})
     return raw
+
+
+def _uncached_and_offline(name: str) -> Optional[str]:
+    """Why a hub dataset cannot load (not cached, hub offline), else None: load_dataset printed ten retry
+    lines over 32 s before its error (issue 34 item 6)."""
+    from huggingface_hub import constants
+
+    from infoprompt_ds.env import hub_unreachable
+
+    roots = [Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE)]
+    names = (name.replace("/", "___"), "datasets--" + name.replace("/", "--"))
+    for root in roots:
+        if root.is_dir() and any(d.name in names or d.name.endswith("___" + name) for d in root.iterdir()):
+            return None  # cached: load_dataset reads it (offline too)
+    return hub_unreachable()
 
 
 def split(raw: DatasetDict, cfg: TrainConfig) -> DatasetDict:

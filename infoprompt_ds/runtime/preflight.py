@@ -6,11 +6,9 @@ later, after the model had loaded. Called from train_loop.prepare; every failure
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlparse
 
 from infoprompt_ds.config import ConfigError, TrainConfig
 from infoprompt_ds.runtime.ds_config import ds_value
@@ -182,13 +180,10 @@ def check_output_dir_path(cfg: TrainConfig) -> None:
 
 
 def _hub_reachable(timeout: float = 3.0) -> Optional[str]:
-    """None when the hub endpoint accepts a TCP connection, else why not."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return None
-    except OSError as e:
-        return f"{url.hostname} is unreachable ({e.strerror or type(e).__name__})"
+    """None when the hub endpoint accepts a TCP connection, else why not (env.hub_unreachable)."""
+    from infoprompt_ds.env import hub_unreachable
+
+    return hub_unreachable(timeout)
 
 
 def check_model_path(cfg: TrainConfig) -> None:

@@ -155,3 +155,14 @@ def test_same_file_for_train_and_test_warns(tiny_bert, sentiment_files, tmp_path
     assert code == "accepted", lines
     warned = [ln for ln in out.splitlines() if ln.startswith("warning: test_file: ")]
     assert len(warned) == 1 and "same data as the train file" in warned[0] and "leakage" in warned[0], out
+
+
+@pytest.mark.parametrize("env", [{"HF_DATASETS_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
+def test_uncached_hub_dataset_offline_fails_fast(env, tiny_bert, tmp_path):
+    """Was ten lines of retry noise over 32 s, then the error."""
+    import time
+
+    argv = [a for a in tiny_args(tiny_bert, {"dataset": "someone/not-cached-anywhere"}, tmp_path / "run")]
+    started = time.time()
+    assert_refused(argv, "dataset", "not a preset, a local file nor in the datasets cache", env=env)
+    assert time.time() - started < 15
