@@ -11,6 +11,7 @@ the frozen backbone is never stored again.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -113,11 +114,46 @@ def resolve_checkpoint(spec: str, output_dir: str) -> Path:
     return path
 
 
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _disk_full(error: BaseException, root: Path, need: int) -> bool:
+    """ENOSPC/EDQUOT/EFBIG anywhere in the cause chain, or (torch's zip writer says only "file write
+    failed") less room left than a checkpoint takes."""
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        e = e.__cause__ or e.__context__
+    return shutil.disk_usage(root).free < need
+
+
+def _failed_save(error: BaseException | None, root: Path, tag: str, rank: int) -> Exception:
+    """What every rank raises once a save failed on any rank. Rank 0 removes the partial folder first (it
+    has no marker, so it was never loadable; removing it gives the space back). A full disk is one line
+    naming the folder and the bytes a checkpoint needs (issue 34 item 4); anything else stays an error."""
+    done = complete_checkpoints(root)
+    need = folder_bytes(done[-1]) if done else 0
+    if rank == 0:
+        shutil.rmtree(root / tag, ignore_errors=True)
+    if error is not None and not _disk_full(error, root, need):
+        return error
+    free = shutil.disk_usage(root).free
+    return ConfigError("output_dir", f"disk full: the checkpoint {tag} could not be written in {root} (a checkpoint "
+                       f"needs ~{need or 'unknown'} bytes{f', the size of {done[-1].name}' if done else ''}; "
+                       f"{free} bytes free); the last complete checkpoint is {done[-1].name if done else 'none'}; "
+                       f"free space, then resume with --resume_from_checkpoint latest")
+
+
 def save_checkpoint(engine, output_dir: str, step: int, client_state: dict[str, Any], keep: int,
                     rank: int, identity: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. Frozen backbone weights are excluded. `identity` (outdir.run_identity)
-    goes into the marker: a resume checks it, and only this run's own checkpoints count towards `keep`."""
+    goes into the marker: a resume checks it, and only this run's own checkpoints count towards `keep`.
+    A failure on any rank (a full disk) is agreed on, so that every rank raises instead of waiting."""
     import torch.distributed as dist
+
+    from infoprompt_ds.runtime.distributed import all_min
 
     root = checkpoint_root(output_dir)
     tag = f"step{step}"
@@ -125,12 +161,23 @@ def save_checkpoint(engine, output_dir: str, step: int, client_state: dict[str, 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tag, ignore_errors=True)  # a leftover of a killed save of this step
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
-    dist.barrier()  # every rank's shard is on disk before the marker says so
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
+    except (OSError, RuntimeError) as e:  # torch's writer raises RuntimeError on a full disk
+        error = e
+    if not all_min(error is None):  # also the barrier: every rank's shard is on disk before the marker
+        raise _failed_save(error, root, tag, rank)
     if rank == 0:
-        write_json_atomic(root / tag / MARKER, {"global_step": step, **({"run": identity} if identity else {})})
-        write_text_atomic(root / "latest", tag)
+        try:
+            write_json_atomic(root / tag / MARKER, {"global_step": step, **({"run": identity} if identity else {})})
+            write_text_atomic(root / "latest", tag)
+        except OSError as e:
+            error = e
+    if not all_min(error is None):
+        raise _failed_save(error, root, tag, rank)
+    if rank == 0:
         uid = (identity or {}).get("run_uid")
         own = [d for d in complete_checkpoints(root) if (read_marker(d) or {}).get("run", {}).get("run_uid") == uid]
         for old in own[:-keep]:

@@ -273,12 +273,16 @@ def check_resume_plan(tag_dir: Path, total_steps: int, ds_config: dict, out: Pat
     since the MLflow run keeps the parameters it logged first."""
     import json
 
-    from infoprompt_ds.runtime.checkpoint import read_marker
+    from infoprompt_ds.runtime.checkpoint import folder_bytes, read_marker
 
     done = (read_marker(tag_dir) or {}).get("global_step", 0)
     if done > total_steps:
         raise ConfigError("max_steps", f"{tag_dir} is at step {done}, past this run's last step {total_steps}; "
                           f"give --max_steps {done} or more to continue it (or resume an earlier checkpoint)")
+    need, free = folder_bytes(tag_dir), shutil.disk_usage(out).free
+    if free < need:  # the resume would train, then fail at its first save (issue 34 item 4)
+        raise ConfigError("output_dir", f"{out} has {free} bytes free, but a checkpoint needs ~{need} bytes (the size "
+                          f"of {tag_dir.name}); free space, then resume")
     try:
         before = _flat(json.loads((out / "ds_config.json").read_text()))
     except (OSError, ValueError):

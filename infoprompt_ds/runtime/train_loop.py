@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from infoprompt_ds.runtime.checkpoint import (checkpoint_root, complete_checkpoints, load_export, save_checkpoint, save_export)
-from infoprompt_ds.config import TrainConfig
+from infoprompt_ds.config import ConfigError, TrainConfig
 from infoprompt_ds.runtime.distributed import (all_max_int, all_min, gather_trainable, no_grad_pass, retrace_zero3, set_trainable, to_device, train_batches)
 from infoprompt_ds.env import setup_environment  # noqa: F401  (re-exported: callers that imported it from here)
 from infoprompt_ds.errors import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged  # noqa: F401 (re-exported)
@@ -339,6 +339,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         return finish(fit(r))
     except (KeyboardInterrupt, StopRequested):
         r.status = "KILLED"  # resumable: the checkpoint holds the MLflow run id, a resume reopens it
+        raise
+    except (ConfigError, TrainingDiverged) as e:  # the one line the user sees, on the FAILED run too
+        if r.bar is not None:
+            r.bar.close()  # the error line must not land on the progress bar's line
+        r.tracker.set_tags({"infoprompt.error": str(e)[:5000]})
         raise
     finally:
         r.tracker.end(r.status)
