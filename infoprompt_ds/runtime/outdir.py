@@ -257,8 +257,10 @@ def check_resume(tag_dir: Path, identity: dict[str, Any]) -> None:
                               f"or train into another output_dir")
 
 
-# Derived from the step count, which a resume may extend (--max_steps 8 after 4): not an edit of the json.
-_STEP_DERIVED = {"scheduler.params.total_num_steps", "scheduler.params.warmup_num_steps"}
+# Not edits of the json: derived from the step count, which a resume may extend (--max_steps 8 after 4), or
+# from --offload_dir (scratch swap files, refilled from the backbone at every start).
+_STEP_DERIVED = {"scheduler.params.total_num_steps", "scheduler.params.warmup_num_steps",
+                 "zero_optimization.offload_param.nvme_path", "zero_optimization.offload_optimizer.nvme_path"}
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,72 @@
+"""Issue 34 item 7: faults under ZeRO-Infinity (frozen weights swapped to files in --offload_dir, through
+DeepSpeed's async_io op). A real `python train.py --deepspeed zero3_nvme` run is SIGKILLed while it trains
+(every forward swaps the weights in and out) after its first complete checkpoint; the resume, on another
+offload folder, ends bitwise equal to an uninterrupted run: nothing lost, and the swap folder is scratch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, tiny_args
+from reliability_lib import kill_session, launch, python_cmd, record_case, wait_until
+
+pytestmark = pytest.mark.reliability
+
+
+@pytest.fixture(autouse=True)
+def _count(request):
+    yield
+    record_case(request, "offload_faults")
+
+
+@pytest.fixture(scope="module")
+def wide_bert(tiny_bert, tmp_path_factory) -> str:
+    """The tiny BERT's tokenizer on a 1-layer, 512-wide BERT: DeepSpeed swaps only tensors of at least 1 MiB
+    to NVMe (tests/e2e/test_scale_large.py), and its 512 x 512 fp32 weights are."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("wide_bert")
+    config = BertConfig.from_pretrained(tiny_bert)
+    config.update(dict(hidden_size=512, num_hidden_layers=1, num_attention_heads=4, intermediate_size=1024))
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(d)
+    for f in Path(tiny_bert).iterdir():
+        if f.suffix in (".txt",) or "token" in f.name:
+            shutil.copy(f, d / f.name)
+    return str(d)
+
+
+def _args(model, files, out, offload, **over):
+    return tiny_args(model, files, out, **{"deepspeed": "zero3_nvme", "offload_dir": str(offload), "method": "prompt",
+                                           "max_steps": 12, "save_steps": 2, "eval_steps": 1000, **over})
+
+
+def test_sigkill_under_nvme_offload_resumes_bitwise_on_another_offload_folder(wide_bert, sentiment_files, tmp_path):
+    from infoprompt_ds.runtime.checkpoint import resolve_checkpoint
+
+    ref = run_cli(_args(wide_bert, sentiment_files, tmp_path / "ref", tmp_path / "swap_ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out, log = tmp_path / "run", tmp_path / "log"
+    proc = launch(python_cmd(_args(wide_bert, sentiment_files, out, tmp_path / "swap_a")), log)
+    try:
+        assert wait_until(lambda: (out / "checkpoints" / "latest").exists(), 600, proc), log.read_text()[-3000:]
+        assert any((tmp_path / "swap_a").rglob("*.swp")), "no swap files: nothing was offloaded"
+        assert proc.poll() is None, "the run ended before the kill"
+        proc.kill()
+        assert proc.wait(timeout=60) == -9
+    finally:
+        kill_session(proc)
+    step = resolve_checkpoint("latest", str(out)).name
+    assert step != "step12", step
+    r = run_cli(_args(wide_bert, sentiment_files, out, tmp_path / "swap_b", resume_from_checkpoint="latest"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: deepspeed" not in r.stdout  # another offload folder is not an edit of the json
+    a = load_file(str(tmp_path / "ref" / "export" / "infoprompt.safetensors"))
+    b = load_file(str(out / "export" / "infoprompt.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        {k: (a[k] - b[k]).abs().max().item() for k in a}
