@@ -5,6 +5,8 @@ offload folder, ends bitwise equal to an uninterrupted run: nothing lost, and th
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -46,27 +48,58 @@ def _args(model, files, out, offload, **over):
                                            "max_steps": 12, "save_steps": 2, "eval_steps": 1000, **over})
 
 
-def test_sigkill_under_nvme_offload_resumes_bitwise_on_another_offload_folder(wide_bert, sentiment_files, tmp_path):
-    from infoprompt_ds.runtime.checkpoint import resolve_checkpoint
+@pytest.fixture(scope="module")
+def nvme_reference(wide_bert, sentiment_files, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("nvme_ref")
+    r = run_cli(_args(wide_bert, sentiment_files, tmp / "ref", tmp / "swap"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_file(str(tmp / "ref" / "export" / "infoprompt.safetensors"))
 
-    ref = run_cli(_args(wide_bert, sentiment_files, tmp_path / "ref", tmp_path / "swap_ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    out, log = tmp_path / "run", tmp_path / "log"
-    proc = launch(python_cmd(_args(wide_bert, sentiment_files, out, tmp_path / "swap_a")), log)
+
+def _interrupt(args: list[str], out, log, sig: int, swap=None) -> int:
+    """Start a real run, send `sig` once its first checkpoint is complete (it is still training), wait."""
+    proc = launch(python_cmd(args), log)
     try:
         assert wait_until(lambda: (out / "checkpoints" / "latest").exists(), 600, proc), log.read_text()[-3000:]
-        assert any((tmp_path / "swap_a").rglob("*.swp")), "no swap files: nothing was offloaded"
-        assert proc.poll() is None, "the run ended before the kill"
-        proc.kill()
-        assert proc.wait(timeout=60) == -9
+        if swap is not None:
+            assert any(swap.rglob("*.swp")), "no swap files: nothing was offloaded"
+        assert proc.poll() is None, "the run ended before the signal"
+        proc.send_signal(sig)
+        return proc.wait(timeout=300)
     finally:
         kill_session(proc)
-    step = resolve_checkpoint("latest", str(out)).name
-    assert step != "step12", step
+
+
+def _bitwise(a: dict, export) -> None:
+    b = load_file(str(export / "infoprompt.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        {k: (a[k] - b[k]).abs().max().item() for k in a}
+
+
+@pytest.mark.parametrize("sig,rc", [(signal.SIGKILL, -9), (signal.SIGTERM, 75)])
+def test_a_stop_under_nvme_offload_resumes_bitwise_on_another_offload_folder(sig, rc, nvme_reference, wide_bert,
+                                                                             sentiment_files, tmp_path):
+    from infoprompt_ds.runtime.checkpoint import resolve_checkpoint
+
+    out, log = tmp_path / "run", tmp_path / "log"
+    assert _interrupt(_args(wide_bert, sentiment_files, out, tmp_path / "swap_a"), out, log, sig,
+                      tmp_path / "swap_a") == rc, log.read_text()[-3000:]
+    assert resolve_checkpoint("latest", str(out)).name != "step12"
     r = run_cli(_args(wide_bert, sentiment_files, out, tmp_path / "swap_b", resume_from_checkpoint="latest"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warning: deepspeed" not in r.stdout  # another offload folder is not an edit of the json
-    a = load_file(str(tmp_path / "ref" / "export" / "infoprompt.safetensors"))
-    b = load_file(str(out / "export" / "infoprompt.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
-        {k: (a[k] - b[k]).abs().max().item() for k in a}
+    _bitwise(nvme_reference, out / "export")
+
+
+def test_sigkill_during_a_checkpointed_backward_resumes_bitwise(tiny_bert, sentiment_files, tmp_path):
+    """--gradient_checkpointing (ZeRO-3): the backward recomputes each layer's forward; a SIGKILL while
+    it trains loses nothing, and the resume ends bitwise equal to an uninterrupted run."""
+    args = lambda out, **o: tiny_args(tiny_bert, sentiment_files, out, **{  # noqa: E731
+        "gradient_checkpointing": "true", "max_steps": 40, "save_steps": 2, "eval_steps": 1000, **o})
+    ref = run_cli(args(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out, log = tmp_path / "run", tmp_path / "log"
+    assert _interrupt(args(out), out, log, signal.SIGKILL) == -9, log.read_text()[-3000:]
+    r = run_cli(args(out, resume_from_checkpoint="latest"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _bitwise(load_file(str(tmp_path / "ref" / "export" / "infoprompt.safetensors")), out / "export")
