@@ -125,6 +125,38 @@ def check_offload(cfg: TrainConfig, ds: dict[str, Any], nvme_bytes: int = 0) -> 
         raise ConfigError("deepspeed", libaio_missing_message(parts[0]))
 
 
+def offload_fault(cfg: TrainConfig, error: BaseException) -> Optional[ConfigError]:
+    """A crash inside DeepSpeed's swapper (a bare AssertionError from its async read) whose cause is the
+    swap folder: gone, or full. One line naming it and the way back, instead of a traceback (issue 34
+    item 7). None when the swap folder is not the cause."""
+    import errno
+    import shutil
+
+    from infoprompt_ds.runtime.checkpoint import checkpoint_root, complete_checkpoints
+    from infoprompt_ds.runtime.ds_config import load_ds_config, offload_dir
+
+    try:
+        ds = load_ds_config(cfg.deepspeed)
+    except ConfigError:
+        return None
+    done = complete_checkpoints(checkpoint_root(cfg.output_dir))
+    last = f"the last complete checkpoint is {done[-1].name}" if done else "no checkpoint was completed"
+    for part in nvme_parts(ds):
+        where = _get(ds, f"zero_optimization.{part}.nvme_path")
+        where = Path(offload_dir(cfg) if where == "auto" else where)
+        if not where.is_dir() or not any(where.rglob("*.swp")):
+            return ConfigError("offload_dir", f"{where} (the NVMe swap files) vanished during training ({type(error).__name__} "
+                               f"in DeepSpeed's swapper); {last}; resume with --resume_from_checkpoint latest and an "
+                               f"--offload_dir that stays")
+        e: Optional[BaseException] = error
+        while e is not None and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+            e = e.__cause__ or e.__context__
+        if e is not None or shutil.disk_usage(where).free == 0:
+            return ConfigError("offload_dir", f"{where} is full (the NVMe swap files could not be written); {last}; "
+                               f"free space or give another --offload_dir, then resume with --resume_from_checkpoint latest")
+    return None
+
+
 def check_gradient_checkpointing(cfg: TrainConfig, model_config, readout_kind: str) -> None:
     """--gradient_checkpointing on a model class that cannot checkpoint (transformers'
     supports_gradient_checkpointing False: ALBERT, MPNet, XLNet, CTRL...) used to fail only after loading."""

@@ -103,3 +103,31 @@ def test_sigkill_during_a_checkpointed_backward_resumes_bitwise(tiny_bert, senti
     r = run_cli(args(out, resume_from_checkpoint="latest"))
     assert r.returncode == 0, r.stderr[-3000:]
     _bitwise(load_file(str(tmp_path / "ref" / "export" / "infoprompt.safetensors")), out / "export")
+
+
+def test_the_offload_folder_vanishing_mid_run_is_one_line(wide_bert, sentiment_files, tmp_path):
+    """Was a DeepSpeed AssertionError traceback (its async read of a swap file that is gone), exit 1."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from reliability_lib import stderr_lines
+
+    out, log, swap = tmp_path / "run", tmp_path / "log", tmp_path / "swap"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = launch(python_cmd(_args(wide_bert, sentiment_files, out, swap, max_steps=400)), log,
+                  env={"MLFLOW_TRACKING_URI": uri})
+    try:
+        assert wait_until(lambda: (out / "checkpoints" / "latest").exists(), 600, proc), log.read_text()[-3000:]
+        shutil.rmtree(swap)
+        rc = proc.wait(timeout=300)
+    finally:
+        kill_session(proc)
+    text = log.read_text()
+    errors = [ln for ln in stderr_lines(text) if ln.startswith("error: ")]
+    assert rc == 2 and "Traceback" not in text, text[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"error: offload_dir: {swap} (the NVMe swap files) vanished"), errors
+    assert "the last complete checkpoint is step" in errors[0]
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
+    assert run.info.status == "FAILED" and "vanished" in run.data.tags["infoprompt.error"]
