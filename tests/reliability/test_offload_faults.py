@@ -131,3 +131,38 @@ def test_the_offload_folder_vanishing_mid_run_is_one_line(wide_bert, sentiment_f
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
     assert run.info.status == "FAILED" and "vanished" in run.data.tags["infoprompt.error"]
+
+
+def test_a_full_offload_folder_mid_run_loses_nothing(nvme_reference, wide_bert, sentiment_files, tmp_path):
+    """--offload_dir on a small tmpfs (root only) filled up once the first checkpoint is complete: the swap
+    files were allocated at start-up and are rewritten in place, so the run trains to the end, bitwise equal
+    to the reference."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a real full disk) needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        out, log = tmp_path / "run", tmp_path / "log"
+        proc = launch(python_cmd(_args(wide_bert, sentiment_files, out, disk / "swap")), log)
+        try:
+            assert wait_until(lambda: (out / "checkpoints" / "latest").exists(), 600, proc), log.read_text()[-3000:]
+            with open(disk / "ballast", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+            assert proc.poll() is None, "the run ended before its offload folder was full"
+            rc = proc.wait(timeout=300)
+        finally:
+            kill_session(proc)
+        assert rc == 0 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+        _bitwise(nvme_reference, out / "export")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
