@@ -91,18 +91,29 @@ def test_a_stop_under_nvme_offload_resumes_bitwise_on_another_offload_folder(sig
     _bitwise(nvme_reference, out / "export")
 
 
-def test_sigkill_during_a_checkpointed_backward_resumes_bitwise(tiny_bert, sentiment_files, tmp_path):
-    """--gradient_checkpointing (ZeRO-3): the backward recomputes each layer's forward; a SIGKILL while
-    it trains loses nothing, and the resume ends bitwise equal to an uninterrupted run."""
-    args = lambda out, **o: tiny_args(tiny_bert, sentiment_files, out, **{  # noqa: E731
-        "gradient_checkpointing": "true", "max_steps": 40, "save_steps": 2, "eval_steps": 1000, **o})
-    ref = run_cli(args(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    out, log = tmp_path / "run", tmp_path / "log"
-    assert _interrupt(args(out), out, log, signal.SIGKILL) == -9, log.read_text()[-3000:]
-    r = run_cli(args(out, resume_from_checkpoint="latest"))
+def _ckpt_args(tiny_bert, files, out, **over):
+    return tiny_args(tiny_bert, files, out, **{"gradient_checkpointing": "true", "max_steps": 40, "save_steps": 2,
+                                              "eval_steps": 1000, **over})
+
+
+@pytest.fixture(scope="module")
+def ckpt_reference(tiny_bert, sentiment_files, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ckpt_ref") / "ref"
+    r = run_cli(_ckpt_args(tiny_bert, sentiment_files, out))
     assert r.returncode == 0, r.stderr[-3000:]
-    _bitwise(load_file(str(tmp_path / "ref" / "export" / "infoprompt.safetensors")), out / "export")
+    return load_file(str(out / "export" / "infoprompt.safetensors"))
+
+
+@pytest.mark.parametrize("sig,rc", [(signal.SIGKILL, -9), (signal.SIGTERM, 75)])
+def test_a_stop_during_a_checkpointed_backward_resumes_bitwise(sig, rc, ckpt_reference, tiny_bert, sentiment_files,
+                                                               tmp_path):
+    """--gradient_checkpointing (ZeRO-3): the backward recomputes each layer's forward; a SIGKILL or SIGTERM
+    while it trains loses nothing, and the resume ends bitwise equal to an uninterrupted run."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    assert _interrupt(_ckpt_args(tiny_bert, sentiment_files, out), out, log, sig) == rc, log.read_text()[-3000:]
+    r = run_cli(_ckpt_args(tiny_bert, sentiment_files, out, resume_from_checkpoint="latest"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _bitwise(ckpt_reference, out / "export")
 
 
 def test_the_offload_folder_vanishing_mid_run_is_one_line(wide_bert, sentiment_files, tmp_path):
