@@ -126,7 +126,7 @@ def _disk_full(error: BaseException, root: Path, need: int) -> bool:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return True
         e = e.__cause__ or e.__context__
-    return shutil.disk_usage(root).free < need
+    return shutil.disk_usage(root).free < max(need, 1 << 20)  # no checkpoint yet to size: under 1 MiB is full
 
 
 def _failed_save(error: BaseException | None, root: Path, tag: str, rank: int) -> Exception:
@@ -135,11 +135,13 @@ def _failed_save(error: BaseException | None, root: Path, tag: str, rank: int) -
     naming the folder and the bytes a checkpoint needs (issue 34 item 4); anything else stays an error."""
     done = complete_checkpoints(root)
     need = folder_bytes(done[-1]) if done else 0
+    full = _disk_full(error if error is not None else RuntimeError(), root, need)  # before the partial folder goes
+    free = shutil.disk_usage(root).free
     if rank == 0:
         shutil.rmtree(root / tag, ignore_errors=True)
-    if error is not None and not _disk_full(error, root, need):
-        return error
-    free = shutil.disk_usage(root).free
+    if not full:
+        return error if error is not None else RuntimeError(f"the checkpoint {tag} failed on another rank (its "
+                                                            f"error is in that rank's output)")
     return ConfigError("output_dir", f"disk full: the checkpoint {tag} could not be written in {root} (a checkpoint "
                        f"needs ~{need or 'unknown'} bytes{f', the size of {done[-1].name}' if done else ''}; "
                        f"{free} bytes free); the last complete checkpoint is {done[-1].name if done else 'none'}; "

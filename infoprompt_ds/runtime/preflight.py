@@ -154,6 +154,13 @@ def offload_fault(cfg: TrainConfig, error: BaseException) -> Optional[ConfigErro
         if e is not None or shutil.disk_usage(where).free == 0:
             return ConfigError("offload_dir", f"{where} is full (the NVMe swap files could not be written); {last}; "
                                f"free space or give another --offload_dir, then resume with --resume_from_checkpoint latest")
+        tb = error.__traceback__
+        while tb is not None and "swap_tensor" not in tb.tb_frame.f_code.co_filename:
+            tb = tb.tb_next
+        if tb is not None:  # raised in DeepSpeed's swapper: part of the files went (a deletion caught mid-way)
+            return ConfigError("offload_dir", f"the NVMe swap files in {where} could not be read back ({type(error).__name__} "
+                               f"in DeepSpeed's swapper: deleted or damaged during training); {last}; resume with "
+                               f"--resume_from_checkpoint latest and an --offload_dir that stays")
     return None
 
 

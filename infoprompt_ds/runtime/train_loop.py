@@ -350,7 +350,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     except (ConfigError, TrainingDiverged) as e:  # the one line the user sees, on the FAILED run too
         _say_why(r, e)
         raise
-    except (AssertionError, OSError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - re-raised unless the swap folder explains it
         fault = offload_fault(cfg, e)  # the NVMe swap folder vanished or filled up: a clear line, not a traceback
         if fault is None:
             raise
