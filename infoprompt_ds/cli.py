@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from infoprompt_ds.errors import (EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged, exit_on_config_error, fail)
+from infoprompt_ds.errors import (EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged, catch_stop_signals_early, exit_on_config_error, fail)
 
 
 def train_main(argv=None) -> None:
@@ -25,6 +25,7 @@ def train_main(argv=None) -> None:
     from infoprompt_ds.config_load import parse_config
     from infoprompt_ds.env import setup_environment
 
+    catch_stop_signals_early()  # a stop during start-up is a stop (exit 75), not a silent death
     cfg = exit_on_config_error(parse_config, sys.argv[1:] if argv is None else argv, rank0_only=True)
     setup_environment()  # before train_loop imports torch and DeepSpeed
     from infoprompt_ds.runtime import train_loop

@@ -54,3 +54,20 @@ def setup_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # torch deprecates the collective names DeepSpeed 0.19 still calls, once per call: pure noise.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
+
+
+def hub_unreachable(timeout: float = 3.0) -> "str | None":
+    """None when the Hugging Face hub (HF_ENDPOINT) accepts a TCP connection, else why not: one connect
+    instead of the hub client's retries (tens of seconds of noise) when the machine is offline."""
+    from urllib.parse import urlparse
+
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+               if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
+    if offline:
+        return f"{offline[0]} is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return None
+    except OSError as e:
+        return f"{url.hostname} is unreachable ({e.strerror or type(e).__name__})"

@@ -19,6 +19,29 @@ EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75
 
 
+_early_signal = 0
+
+
+def catch_stop_signals_early() -> None:
+    """From the first line of a training: SIGTERM/SIGUSR1/SIGHUP during start-up (imports, pre-flight, weight
+    loading) used to kill the process silently (rc -10 for SIGUSR1) instead of the documented stop. They are
+    remembered here and handed to the training loop's stop flag (runtime/setup._StopFlag), which stops at
+    the first step boundary: a checkpoint, exit 75. (Ctrl-C keeps aborting at once: nothing to save yet.)"""
+    import signal
+
+    def remember(signum, frame):
+        global _early_signal
+        _early_signal = signum
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(sig, remember)
+
+
+def early_signal() -> int:
+    """The stop signal caught during start-up (0: none)."""
+    return _early_signal
+
+
 class StopRequested(Exception):
     """Raised after a graceful stop (SIGTERM/SIGUSR1) has saved its checkpoint."""
 

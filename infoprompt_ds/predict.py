@@ -123,6 +123,9 @@ def check_export(export_dir, tensors: dict, meta: dict, hidden: Optional[int] = 
                                                         or deep.shape[1:] != prompt.shape):
         raise ConfigError("export", f"{where} says prompt_depth=deep but deep_prompt.weight is "
                           f"{list(deep.shape) if deep is not None else 'missing'} (needs [layers - 1, n, d])")
+    if prompt is not None and prompt.dim() == 2 and prompt.shape[1] != head.shape[1]:  # the export against itself first
+        raise ConfigError("export", f"{export_dir}: head.weight is {list(head.shape)} but prompt.weight is "
+                          f"{list(prompt.shape)}: its tensors disagree (damaged or edited); export the run again")
     if hidden is not None and head.shape[1] != hidden:
         raise ConfigError("model_name_or_path", f"{backbone} is {hidden} wide, but the export was trained on a "
                           f"{head.shape[1]}-wide backbone ({meta['backbone']}); give that backbone")

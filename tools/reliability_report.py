@@ -70,10 +70,24 @@ CASES = [  # item key recorded by tests/reliability (record_case / record) -> wh
     ("data_errors", "UTF-16 and latin-1 files, a TSV named .csv, a header with a trailing space, a duplicate "
      "column, numbers and text in one JSONL column, a numeric text column, label ids in one split and names in "
      "another, a broken JSONL line mid-file, a nested JSON object, a duplicate JSON key, a one-row train file, a "
-     "one-class validation split with mcc (warning) (test_data_errors.py)"),
+     "one-class validation split with mcc (warning); issue 34: records nested under a key of a .json file, a "
+     "train file whose texts are all empty, the same data as train and test (leakage warning), an uncached hub "
+     "dataset offline / hub unreachable (test_data_errors.py)"),
     ("predict_errors", "a hand-edited export (missing key, wrong prompt length, wrong label count, wrong type), a "
      "backbone of another width, a latin-1 --file, an all-blank file, stdin (`--file -`, /dev/stdin) with blank "
-     "lines kept: N lines in, N out (test_predict_errors.py)"),
+     "lines kept: N lines in, N out; issue 34: an all-NaN adapter, a head whose width disagrees with the "
+     "export's prompt (test_predict_errors.py)"),
+    ("retry_markers", "issue 34 items 2, 5, 6: a backbone folder without weights / with truncated safetensors "
+     "(then the retry into the same folder) / a missing shard of an index / a truncated .bin; a folder where no "
+     "step ran; a forged mlflow_run.json naming another folder's live run in a shared store; SIGUSR1 during "
+     "start-up (test_retry_and_markers.py)"),
+    ("resume_changes", "issue 34 items 6, 7: a resume past a smaller --max_steps; an edited DeepSpeed json on "
+     "resume; a bf16 run resumed as fp32 (test_resume_changes.py)"),
+    ("disk_full", "issue 34 item 4: output_dir on a small tmpfs filled during the checkpoint saves of a real run, "
+     "then a resume on the full disk and after freeing it (root only) (test_disk_full.py)"),
+    ("offload_faults", "issue 34 item 7: SIGKILL and SIGTERM under NVMe offload, resumed on another --offload_dir; "
+     "SIGKILL and SIGTERM during a checkpointed backward; --offload_dir deleted mid-run; --offload_dir full "
+     "mid-run (root only); each resume bitwise equal to an uninterrupted run (test_offload_faults.py)"),
 ]
 
 

@@ -99,6 +99,45 @@ def check_classification_file(path: str, field_name: str, columns: list[Optional
         if isinstance(data, list):
             for i, rec in enumerate(data):
                 _check_record(rec, f"{p}: record {i}", field_name, cols)
+        elif isinstance(data, dict):  # read as one row: "the train split has 1 row(s)" named no cause
+            nested = next((k for k, v in data.items() if isinstance(v, list) and v
+                           and all(isinstance(r, dict) for r in v)), None)
+            if nested is not None:
+                raise ConfigError(field_name, f"{p}: the records are nested under the key {nested!r}, not at the top "
+                                  f"level; give a JSON list of records or JSON lines (jq -c '.{nested}[]' {p.name})")
+
+
+def check_texts_not_all_empty(ds, text_column: str, field_name: str) -> None:
+    """A train split whose texts are all empty trained at chance and exited 0 (issue 34 item 6)."""
+    train = ds["train"]
+    if text_column in train.column_names and all(not str(t or "").strip() for t in train[text_column]):
+        raise ConfigError(field_name, f"every text of the train split (column {text_column!r}, {len(train)} rows) "
+                          f"is empty; check --text_column and the file")
+
+
+def warn_shared_files(files: dict[str, tuple[str, str]]) -> None:
+    """The same file (or the same bytes) as two splits: the test or validation score would be measured on
+    training examples (issue 34 item 6). A warning: a smoke run may do it on purpose."""
+    import hashlib
+    import os
+
+    def digest(f: str) -> str:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    sizes = [Path(f).stat().st_size for _, f in files.values()]
+    seen: dict[str, str] = {}
+    for (split_name, (field_name, f)), size in zip(files.items(), sizes):
+        if sizes.count(size) < 2:
+            continue  # no other file of that size: not the same bytes, and not worth hashing
+        key = digest(f)
+        if key in seen and os.environ.get("RANK", "0") == "0":
+            print(f"warning: {field_name}: {f} holds the same data as the {seen[key]} file; its scores will be "
+                  f"measured on examples the model saw (data leakage); give separate files", flush=True)
+        seen.setdefault(key, split_name)
 
 
 def check_label_forms(parts: dict, files: dict[str, tuple[str, str]], label_column: str,

@@ -17,7 +17,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Sequence, load_dataset
 
 from infoprompt_ds.config import ConfigError, TrainConfig, one_line
-from infoprompt_ds.data.checks import check_classification_file, check_label_forms, root_cause
+from infoprompt_ds.data.checks import (check_classification_file, check_label_forms, check_texts_not_all_empty, root_cause, warn_shared_files)
 from infoprompt_ds.data import readout as readouts
 from infoprompt_ds.data.readout import LINEAR, Readout
 from infoprompt_ds.data.tasks import NO_RELATION, PRESETS, Task, normalise_file
@@ -92,6 +92,7 @@ def _load_local(files: dict[str, str], cfg: TrainConfig, task: Task) -> DatasetD
             raise ConfigError(field_name, f"{f}: unsupported format for {task.type}; use csv, tsv, json or jsonl")
         if task.type == "classification":  # name, line and cause of a bad file, before `datasets` reads it
             check_classification_file(paths[split_name], field_name, list(_columns(task)))
+    warn_shared_files(files)
     formats = {str(LOCAL_FORMATS[Path(p).suffix.lower()]) for p in paths.values()}
     if len(formats) > 1:
         raise ConfigError("train_file", "train/validation/test files must share one format")
@@ -126,6 +127,10 @@ def load_raw(cfg: TrainConfig, task: Task) -> DatasetDict:
     if Path(name).suffix.lower() in LOCAL_FORMATS or Path(name).suffix.lower() in (".txt", ".conll") \
             or Path(name).exists():
         return _load_local({"train": ("dataset", name)}, cfg, task)
+    why = _uncached_and_offline(name)
+    if why:
+        raise ConfigError("dataset", f"{name!r} is not a preset, a local file nor in the datasets cache, and {why}; "
+                          f"give --train_file (csv/json) or run once with the hub reachable")
     try:
         raw = load_dataset(name, config_name)
     except Exception as e:
@@ -136,6 +141,21 @@ def load_raw(cfg: TrainConfig, task: Task) -> DatasetDict:
         # carved from train (what few-shot papers do).
         raw = DatasetDict({"train": raw["train"], "test": raw["validation"]})
     return raw
+
+
+def _uncached_and_offline(name: str) -> Optional[str]:
+    """Why a hub dataset cannot load (not cached, hub offline), else None: load_dataset printed ten retry
+    lines over 32 s before its error (issue 34 item 6)."""
+    from huggingface_hub import constants
+
+    from infoprompt_ds.env import hub_unreachable
+
+    roots = [Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE)]
+    names = (name.replace("/", "___"), "datasets--" + name.replace("/", "--"))
+    for root in roots:
+        if root.is_dir() and any(d.name in names or d.name.endswith("___" + name) for d in root.iterdir()):
+            return None  # cached: load_dataset reads it (offline too)
+    return hub_unreachable()
 
 
 def split(raw: DatasetDict, cfg: TrainConfig) -> DatasetDict:
@@ -350,6 +370,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, model_config=None) -> TaskData:
     task = resolve_task(cfg)
     ds = split(load_raw(cfg, task), cfg)
     check_columns(ds, task)
+    if task.type != "ner":
+        check_texts_not_all_empty(ds, _columns(task)[0], "train_file" if cfg.train_file else "dataset")
     names, labels = resolve_labels(ds, task)
     ro = resolve_readout(cfg, dataclasses.replace(task, labels=tuple(names)), tokenizer, model_config)
     train = ds["train"]

@@ -11,6 +11,7 @@ the frozen backbone is never stored again.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -43,10 +44,16 @@ def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     if not (path / EXPORT_WEIGHTS).is_file() or not (path / EXPORT_CONFIG).is_file():
         raise ConfigError("export", f"{path} is not an infoprompt export (needs {EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
     try:  # safetensors only: no pickle is ever unpickled from an export
-        return load_file(str(path / EXPORT_WEIGHTS)), json.loads((path / EXPORT_CONFIG).read_text())
+        tensors, meta = load_file(str(path / EXPORT_WEIGHTS)), json.loads((path / EXPORT_CONFIG).read_text())
     except Exception as e:  # a truncated/tampered weights file or a broken JSON: one clear line
         raise ConfigError("export", f"{path} could not be read as an infoprompt export (safetensors + JSON): "
                           f"{one_line(e)}")
+    for name, t in tensors.items():  # a NaN adapter predicted one class for everything, silently (issue 34)
+        bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        if bad:
+            raise ConfigError("export", f"{path / EXPORT_WEIGHTS}: {name} holds {bad} NaN/inf value(s) of {t.numel()}; "
+                              f"it cannot predict; use another export (best/, or one from an earlier checkpoint)")
+    return tensors, meta
 
 
 # --- DeepSpeed checkpoints ----------------------------------------------------------------------------
@@ -107,11 +114,48 @@ def resolve_checkpoint(spec: str, output_dir: str) -> Path:
     return path
 
 
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _disk_full(error: BaseException, root: Path, need: int) -> bool:
+    """ENOSPC/EDQUOT/EFBIG anywhere in the cause chain, or (torch's zip writer says only "file write
+    failed") less room left than a checkpoint takes."""
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        e = e.__cause__ or e.__context__
+    return shutil.disk_usage(root).free < max(need, 1 << 20)  # no checkpoint yet to size: under 1 MiB is full
+
+
+def _failed_save(error: BaseException | None, root: Path, tag: str, rank: int) -> Exception:
+    """What every rank raises once a save failed on any rank. Rank 0 removes the partial folder first (it
+    has no marker, so it was never loadable; removing it gives the space back). A full disk is one line
+    naming the folder and the bytes a checkpoint needs (issue 34 item 4); anything else stays an error."""
+    done = complete_checkpoints(root)
+    need = folder_bytes(done[-1]) if done else 0
+    full = _disk_full(error if error is not None else RuntimeError(), root, need)  # before the partial folder goes
+    free = shutil.disk_usage(root).free
+    if rank == 0:
+        shutil.rmtree(root / tag, ignore_errors=True)
+    if not full:
+        return error if error is not None else RuntimeError(f"the checkpoint {tag} failed on another rank (its "
+                                                            f"error is in that rank's output)")
+    return ConfigError("output_dir", f"disk full: the checkpoint {tag} could not be written in {root} (a checkpoint "
+                       f"needs ~{need or 'unknown'} bytes{f', the size of {done[-1].name}' if done else ''}; "
+                       f"{free} bytes free); the last complete checkpoint is {done[-1].name if done else 'none'}; "
+                       f"free space, then resume with --resume_from_checkpoint latest")
+
+
 def save_checkpoint(engine, output_dir: str, step: int, client_state: dict[str, Any], keep: int,
                     rank: int, identity: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. Frozen backbone weights are excluded. `identity` (outdir.run_identity)
-    goes into the marker: a resume checks it, and only this run's own checkpoints count towards `keep`."""
+    goes into the marker: a resume checks it, and only this run's own checkpoints count towards `keep`.
+    A failure on any rank (a full disk) is agreed on, so that every rank raises instead of waiting."""
     import torch.distributed as dist
+
+    from infoprompt_ds.runtime.distributed import all_min
 
     root = checkpoint_root(output_dir)
     tag = f"step{step}"
@@ -119,12 +163,23 @@ def save_checkpoint(engine, output_dir: str, step: int, client_state: dict[str, 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tag, ignore_errors=True)  # a leftover of a killed save of this step
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
-    dist.barrier()  # every rank's shard is on disk before the marker says so
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
+    except (OSError, RuntimeError) as e:  # torch's writer raises RuntimeError on a full disk
+        error = e
+    if not all_min(error is None):  # also the barrier: every rank's shard is on disk before the marker
+        raise _failed_save(error, root, tag, rank)
     if rank == 0:
-        write_json_atomic(root / tag / MARKER, {"global_step": step, **({"run": identity} if identity else {})})
-        write_text_atomic(root / "latest", tag)
+        try:
+            write_json_atomic(root / tag / MARKER, {"global_step": step, **({"run": identity} if identity else {})})
+            write_text_atomic(root / "latest", tag)
+        except OSError as e:
+            error = e
+    if not all_min(error is None):
+        raise _failed_save(error, root, tag, rank)
+    if rank == 0:
         uid = (identity or {}).get("run_uid")
         own = [d for d in complete_checkpoints(root) if (read_marker(d) or {}).get("run", {}).get("run_uid") == uid]
         for old in own[:-keep]:

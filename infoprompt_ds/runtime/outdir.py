@@ -32,6 +32,9 @@ LOCK = ".infoprompt.lock"
 STATE = ("metrics.json", "config.json", "ds_config.json", "export", "best", "checkpoints")
 # What an export folder may hold: ours, plus a PEFT-format adapter and its card written beside it.
 EXPORT_FILES = re.compile(r"infoprompt\.safetensors|infoprompt_config\.json|adapter_.*|README\.md")
+# Written at start-up, before any step: a folder holding only these saw no step (a failed start) and holds
+# nothing a fresh run could lose; refusing it blocked the corrected command (issue 34 item 5).
+STARTUP_ONLY = {"config.json", "ds_config.json"}
 CHECKPOINT_ENTRIES = re.compile(r"latest|step\d+|zero_to_\w+\.py")  # DeepSpeed adds its converters
 
 
@@ -107,6 +110,8 @@ def check_output_dir_state(cfg: TrainConfig) -> None:
     _refuse_foreign_folder(out)
     _probe_lock(out)
     state = _state(out)
+    if set(state) <= STARTUP_ONLY:
+        state = []
     if state and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
         raise ConfigError("output_dir", f"{out} holds another run ({', '.join(state)}); pass --overwrite_output_dir "
                           f"true to replace it, --resume_from_checkpoint latest to continue it, or another output_dir")
@@ -196,7 +201,8 @@ def run_identity(cfg: TrainConfig, data, model_config, world: int, stage: int, r
             "task_type": data.task.type, "labels": list(data.label_names),
             "n_virtual_tokens": cfg.n_virtual_tokens if cfg.method != "probe" else 0,
             "bottleneck_dim": cfg.bottleneck_dim if cfg.method == "infoprompt" else None,
-            "data": data_fingerprint(data.splits["train"]), "world_size": world, "zero_stage": stage}
+            "data": data_fingerprint(data.splits["train"]), "world_size": world, "zero_stage": stage,
+            "precision": "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"}
 
 
 _SHARD = re.compile(r"(?:\w+_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
@@ -237,8 +243,56 @@ def check_resume(tag_dir: Path, identity: dict[str, Any]) -> None:
             raise ConfigError("resume_from_checkpoint", f"{tag_dir} is missing the model states of rank "
                               f"{0 if r is None else r} ({'deleted' if model is None else f'{model.name} is empty'}); "
                               f"resume from another checkpoint folder")
+    # Checkpoints from before the field have no precision: not compared (issue 34 item 7).
+    if saved.get("precision", identity["precision"]) != identity["precision"]:
+        want = saved["precision"]
+        raise ConfigError(want if want != "fp32" else identity["precision"], f"{tag_dir} was saved by a "
+                          f"{want} run, this run is {identity['precision']}: a change of precision is refused, not "
+                          f"converted (the optimizer states are laid out for {want}); resume with "
+                          f"{'--bf16 true' if want == 'bf16' else '--fp16 true' if want == 'fp16' else '--bf16 false --fp16 false'}")
     for key, what in _WHAT.items():
         if saved and saved.get(key) != identity[key]:
             raise ConfigError("resume_from_checkpoint", f"{tag_dir} belongs to another run: its {what} is "
                               f"{saved.get(key)!r}, this run's is {identity[key]!r}; resume with the same settings "
                               f"or train into another output_dir")
+
+
+# Not edits of the json: derived from the step count, which a resume may extend (--max_steps 8 after 4), or
+# from --offload_dir (scratch swap files, refilled from the backbone at every start).
+_STEP_DERIVED = {"scheduler.params.total_num_steps", "scheduler.params.warmup_num_steps",
+                 "zero_optimization.offload_param.nvme_path", "zero_optimization.offload_optimizer.nvme_path"}
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def check_resume_plan(tag_dir: Path, total_steps: int, ds_config: dict, out: Path) -> None:
+    """A resume that silently did something else (issue 34 item 6): a checkpoint past this run's last step
+    (a smaller --max_steps) is refused; a DeepSpeed json edited since the run started is said in one line,
+    since the MLflow run keeps the parameters it logged first."""
+    import json
+
+    from infoprompt_ds.runtime.checkpoint import folder_bytes, read_marker
+
+    done = (read_marker(tag_dir) or {}).get("global_step", 0)
+    if done > total_steps:
+        raise ConfigError("max_steps", f"{tag_dir} is at step {done}, past this run's last step {total_steps}; "
+                          f"give --max_steps {done} or more to continue it (or resume an earlier checkpoint)")
+    need, free = folder_bytes(tag_dir), shutil.disk_usage(out).free
+    if free < need:  # the resume would train, then fail at its first save (issue 34 item 4)
+        raise ConfigError("output_dir", f"{out} has {free} bytes free, but a checkpoint needs ~{need} bytes (the size "
+                          f"of {tag_dir.name}); free space, then resume")
+    try:
+        before = _flat(json.loads((out / "ds_config.json").read_text()))
+    except (OSError, ValueError):
+        return  # no record of the start (an older run): nothing to compare
+    now = _flat(ds_config)
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if k not in _STEP_DERIVED and before.get(k) != now.get(k)]
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: deepspeed: the DeepSpeed config differs from the one this run started with "
+              f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}); resuming with the new values, "
+              f"while the MLflow run keeps the parameters it logged first", flush=True)

@@ -6,11 +6,9 @@ later, after the model had loaded. Called from train_loop.prepare; every failure
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlparse
 
 from infoprompt_ds.config import ConfigError, TrainConfig
 from infoprompt_ds.runtime.ds_config import ds_value
@@ -127,6 +125,45 @@ def check_offload(cfg: TrainConfig, ds: dict[str, Any], nvme_bytes: int = 0) -> 
         raise ConfigError("deepspeed", libaio_missing_message(parts[0]))
 
 
+def offload_fault(cfg: TrainConfig, error: BaseException) -> Optional[ConfigError]:
+    """A crash inside DeepSpeed's swapper (a bare AssertionError from its async read) whose cause is the
+    swap folder: gone, or full. One line naming it and the way back, instead of a traceback (issue 34
+    item 7). None when the swap folder is not the cause."""
+    import errno
+    import shutil
+
+    from infoprompt_ds.runtime.checkpoint import checkpoint_root, complete_checkpoints
+    from infoprompt_ds.runtime.ds_config import load_ds_config, offload_dir
+
+    try:
+        ds = load_ds_config(cfg.deepspeed)
+    except ConfigError:
+        return None
+    done = complete_checkpoints(checkpoint_root(cfg.output_dir))
+    last = f"the last complete checkpoint is {done[-1].name}" if done else "no checkpoint was completed"
+    for part in nvme_parts(ds):
+        where = _get(ds, f"zero_optimization.{part}.nvme_path")
+        where = Path(offload_dir(cfg) if where == "auto" else where)
+        if not where.is_dir() or not any(where.rglob("*.swp")):
+            return ConfigError("offload_dir", f"{where} (the NVMe swap files) vanished during training ({type(error).__name__} "
+                               f"in DeepSpeed's swapper); {last}; resume with --resume_from_checkpoint latest and an "
+                               f"--offload_dir that stays")
+        e: Optional[BaseException] = error
+        while e is not None and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+            e = e.__cause__ or e.__context__
+        if e is not None or shutil.disk_usage(where).free == 0:
+            return ConfigError("offload_dir", f"{where} is full (the NVMe swap files could not be written); {last}; "
+                               f"free space or give another --offload_dir, then resume with --resume_from_checkpoint latest")
+        tb = error.__traceback__
+        while tb is not None and "swap_tensor" not in tb.tb_frame.f_code.co_filename:
+            tb = tb.tb_next
+        if tb is not None:  # raised in DeepSpeed's swapper: part of the files went (a deletion caught mid-way)
+            return ConfigError("offload_dir", f"the NVMe swap files in {where} could not be read back ({type(error).__name__} "
+                               f"in DeepSpeed's swapper: deleted or damaged during training); {last}; resume with "
+                               f"--resume_from_checkpoint latest and an --offload_dir that stays")
+    return None
+
+
 def check_gradient_checkpointing(cfg: TrainConfig, model_config, readout_kind: str) -> None:
     """--gradient_checkpointing on a model class that cannot checkpoint (transformers'
     supports_gradient_checkpointing False: ALBERT, MPNet, XLNet, CTRL...) used to fail only after loading."""
@@ -182,13 +219,10 @@ def check_output_dir_path(cfg: TrainConfig) -> None:
 
 
 def _hub_reachable(timeout: float = 3.0) -> Optional[str]:
-    """None when the hub endpoint accepts a TCP connection, else why not."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return None
-    except OSError as e:
-        return f"{url.hostname} is unreachable ({e.strerror or type(e).__name__})"
+    """None when the hub endpoint accepts a TCP connection, else why not (env.hub_unreachable)."""
+    from infoprompt_ds.env import hub_unreachable
+
+    return hub_unreachable(timeout)
 
 
 def check_model_path(cfg: TrainConfig) -> None:
@@ -218,6 +252,74 @@ def check_model_path(cfg: TrainConfig) -> None:
     if why:
         raise ConfigError("model_name_or_path", f"{name!r} is not a local folder nor in the Hugging Face cache, and "
                           f"{why}; give a local model folder{did_you_mean(name)}")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Why a .safetensors file cannot load, from its header alone (8-byte length, JSON, data offsets): a
+    truncated copy is named in milliseconds instead of after the engine is built."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size, 100 * 2**20):
+                return "its header is damaged"
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return "its header is damaged"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + n + end:
+        return f"it is truncated ({size} bytes, its header says {8 + n + end})"
+    return None
+
+
+def _bin_problem(path: Path) -> Optional[str]:
+    import zipfile
+
+    with open(path, "rb") as f:
+        legacy = f.read(2) not in (b"PK",)
+    if legacy:  # the pre-1.6 torch format: only an empty file is known bad without unpickling
+        return "it is empty" if path.stat().st_size == 0 else None
+    try:
+        zipfile.ZipFile(path).close()  # reads the central directory at the end: gone when truncated
+    except (zipfile.BadZipFile, OSError):
+        return "it is truncated or damaged (not a complete zip archive)"
+    return None
+
+
+def check_weight_files(cfg: TrainConfig) -> None:
+    """A local backbone folder must hold complete weights before anything is written (issue 34 item 5):
+    from_pretrained found a missing or truncated file only after 30-40 s, with the output folder made."""
+    import json
+
+    from infoprompt_ds.backbone import resolve_model_path
+
+    folder = Path(resolve_model_path(cfg.model_name_or_path)).expanduser()
+    if not folder.is_dir():
+        return  # a hub name: from_pretrained resolves (and checks) the cached files
+    present = [f for f in WEIGHT_FILES if (folder / f).is_file()]
+    if not present:
+        raise ConfigError("model_name_or_path", f"{folder} has no weight files ({', '.join(WEIGHT_FILES[::2])} or a "
+                          f"sharded index); save the model there (model.save_pretrained)")
+    files = [folder / present[0]]
+    if present[0].endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(files[0].read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConfigError("model_name_or_path", f"{files[0]} is not a weight index (no weight_map); save the "
+                              f"model again")
+        files = [folder / s for s in shards]
+    for f in files:
+        problem = "it is missing" if not f.is_file() else \
+            _safetensors_problem(f) if f.suffix == ".safetensors" else _bin_problem(f)
+        if problem:
+            raise ConfigError("model_name_or_path", f"weight file {f} cannot load: {problem}; copy or save the model "
+                              f"again")
 
 
 def check_tokenizer(cfg: TrainConfig, tokenizer) -> None:

@@ -92,9 +92,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
     micro_per_epoch, total_steps = plan_steps(cfg, len(data.splits["train"]), world)
     ds_config = fill_ds_config(ds_raw, cfg, world, total_steps, model_config.hidden_size,
                                largest_weight=getattr(model_config, "vocab_size", 0) * model_config.hidden_size)
+    if resume is not None:
+        outdir.check_resume_plan(resume, total_steps, ds_config, Path(cfg.output_dir))
     estimate = plan_run(cfg, ds_config, model_config, world, strict=False)  # None: a backbone it cannot build
     preflight.report_plan(cfg, estimate)
     preflight.check_offload(cfg, ds_config, estimate.nvme_bytes if estimate else 0)
+    preflight.check_weight_files(cfg)  # after the weight-free checks (their tests use folders without weights)
     lock = outdir.lock_output_dir(cfg, rank)  # last: held until the process ends
     return Prepared(rank, local_rank, world, model_config, tokenizer, data, micro_per_epoch, total_steps,
                     ds_config, resume, identity, lock)

@@ -26,6 +26,7 @@ from infoprompt_ds.runtime.ds_config import zero_stage
 from infoprompt_ds.runtime.distributed import (backbone_shard_report)
 from infoprompt_ds.env import setup_environment  # noqa: F401  (re-exported: callers that imported it from here)
 from infoprompt_ds.errors import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged  # noqa: F401 (re-exported)
+from infoprompt_ds.errors import early_signal
 from infoprompt_ds.internals import full_numel
 from infoprompt_ds.backbone import local_backbone_path
 from infoprompt_ds.io import write_json_atomic
@@ -45,7 +46,7 @@ class _StopFlag:
     saves, and exits with EXIT_PREEMPTED. A second Ctrl-C aborts at once (KeyboardInterrupt, no save)."""
 
     def __init__(self):
-        self.signum = 0
+        self.signum = early_signal()  # one that came during start-up (errors.catch_stop_signals_early)
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._handle)
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from infoprompt_ds.runtime.checkpoint import (checkpoint_root, complete_checkpoints, load_export, save_checkpoint, save_export)
-from infoprompt_ds.config import TrainConfig
+from infoprompt_ds.config import ConfigError, TrainConfig
 from infoprompt_ds.runtime.distributed import (all_max_int, all_min, gather_trainable, no_grad_pass, retrace_zero3, set_trainable, to_device, train_batches)
 from infoprompt_ds.env import setup_environment  # noqa: F401  (re-exported: callers that imported it from here)
 from infoprompt_ds.errors import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequested, TrainingDiverged  # noqa: F401 (re-exported)
@@ -33,6 +33,7 @@ from infoprompt_ds.metrics import compute_metrics
 from infoprompt_ds.method.model import model_inputs
 from infoprompt_ds.data.tasks import Task
 from infoprompt_ds.runtime.selection import Candidate, better, single_class
+from infoprompt_ds.runtime.preflight import offload_fault
 from infoprompt_ds.runtime.unprompted_cache import compute_unprompted
 from infoprompt_ds.runtime.setup import Run, setup
 
@@ -332,6 +333,12 @@ def finish(run: Run) -> dict[str, Any]:
     return result
 
 
+def _say_why(r: Run, e: Exception) -> None:
+    if r.bar is not None:
+        r.bar.close()  # the error line must not land on the progress bar's line
+    r.tracker.set_tags({"infoprompt.error": str(e)[:5000]})
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """The whole training: setup -> fit -> finish; the tracking run ends with the outcome's status."""
     r = setup(cfg)
@@ -340,5 +347,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     except (KeyboardInterrupt, StopRequested):
         r.status = "KILLED"  # resumable: the checkpoint holds the MLflow run id, a resume reopens it
         raise
+    except (ConfigError, TrainingDiverged) as e:  # the one line the user sees, on the FAILED run too
+        _say_why(r, e)
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised unless the swap folder explains it
+        fault = offload_fault(cfg, e)  # the NVMe swap folder vanished or filled up: a clear line, not a traceback
+        if fault is None:
+            raise
+        _say_why(r, fault)
+        raise fault from e
     finally:
         r.tracker.end(r.status)

@@ -38,6 +38,9 @@ from infoprompt_ds.tracking.store import default_tracking_uri, store_clients
 ENV_RETRY = "INFOPROMPT_MLFLOW_RETRY_S"
 ENV_SYSTEM = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
 RUN_MARKER = "mlflow_run.json"  # the MLflow run a training in this folder has open (see close_dead_run)
+# Tagged on the run at creation: the marker is a file anyone who can write the folder may forge, the tag is
+# on the server; close_dead_run ends only a run whose tag names this folder (issue 34 item 2).
+FOLDER_TAG = "infoprompt.output_dir"
 
 
 def _now_ms() -> int:
@@ -93,7 +96,7 @@ class Tracker:
         self._outbox.entries = own_pending(self._out, self.uri, run_id)  # this run's backlog: sent first
         if self._outbox.entries:
             self._outage = True  # keep appending to the file until the backlog is through
-        all_tags = {**standard_tags(), **tags, **env_tags()}
+        all_tags = {**standard_tags(), **tags, **env_tags(), FOLDER_TAG: str(self._out)}
         parent_run_id = parent_run_id or os.environ.get(ENV_PARENT)
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
@@ -231,7 +234,8 @@ class Tracker:
 def close_dead_run(out: Path, uri: str, resuming: Optional[str], client_for) -> Optional[str]:
     """A training in `out` that died without ending its MLflow run (SIGKILL, OOM, power) left it RUNNING
     forever; its marker names it. Close it as KILLED, unless it is the run being resumed now (which
-    reopens it), lives in another store, or its process is still alive on this host."""
+    reopens it), lives in another store, its process is still alive on this host, or a training in
+    another folder (or no training of ours) created it: the marker may be forged, the run's tag is not."""
     try:
         marker = json.loads((out / RUN_MARKER).read_text(encoding="utf-8"))
         run_id, pid, host = str(marker["run_id"]), int(marker["pid"]), marker["host"]
@@ -249,7 +253,13 @@ def close_dead_run(out: Path, uri: str, resuming: Optional[str], client_for) -> 
             return None
     try:
         client = client_for(uri)
-        if client.get_run(run_id).info.status == "RUNNING":
+        run = client.get_run(run_id)
+        if run.data.tags.get(FOLDER_TAG) != str(out):
+            print(f"warning: {out / RUN_MARKER} names MLflow run {run_id}, which no training in {out} started; "
+                  f"left as it is (the marker is ignored)", file=sys.stderr, flush=True)
+            (out / RUN_MARKER).unlink(missing_ok=True)
+            return None
+        if run.info.status == "RUNNING":
             client.set_terminated(run_id, status="KILLED")
             print(f"[mlflow] run {run_id} of an earlier training in {out} died without ending; marked KILLED",
                   file=sys.stderr, flush=True)

@@ -125,7 +125,10 @@ def prepare_in_process(argv: list[str], env: dict | None = None) -> tuple[object
             prep.lock.close()
         raise Accepted()
 
+    import signal
+
     saved, real_run = dict(os.environ), tl.run
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
     os.environ.update(env or {})
     tl.run = first_half
     err, out = io.StringIO(), io.StringIO()
@@ -139,6 +142,8 @@ def prepare_in_process(argv: list[str], env: dict | None = None) -> tuple[object
         code = "accepted"
     finally:
         tl.run = real_run
+        for sig, handler in handlers.items():  # train_main catches stop signals from its first line
+            signal.signal(sig, handler)
         os.environ.clear()
         os.environ.update(saved)
     return code, stderr_lines(err.getvalue()), out.getvalue()

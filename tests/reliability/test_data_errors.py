@@ -127,3 +127,42 @@ def test_one_class_validation_with_mcc_warns(tiny_bert, sentiment_files, tmp_pat
                                                 metric_for_best_model="mcc"))
     assert code == "accepted", lines
     assert "warning: metric_for_best_model: the validation split holds one class only" in out
+
+
+# --- issue 34 item 6: cases that passed without a clear word ------------------------------------------
+
+def test_json_file_with_nested_records(tiny_bert, sentiment_files, tmp_path):
+    f = tmp_path / "train.json"
+    f.write_text(json.dumps({"version": 1, "data": make_rows(8, 0)}))  # was read as "1 row"
+    assert_refused(_argv(tiny_bert, {"train_file": str(f)}, tmp_path), "train_file",
+                   "nested under the key 'data'")
+
+
+def test_train_file_whose_texts_are_all_empty(tiny_bert, sentiment_files, tmp_path):
+    f = tmp_path / "train.csv"
+    f.write_text("text,label\n" + "".join(f'{" " if i % 2 else ""},{r["label"]}\n'
+                                         for i, r in enumerate(make_rows(16, 0))))  # trained at chance, exit 0
+    assert_refused(_argv(tiny_bert, _files(sentiment_files, train_file=f), tmp_path), "train_file",
+                   "every text of the train split")
+
+
+def test_same_file_for_train_and_test_warns(tiny_bert, sentiment_files, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.csv"
+    shutil.copy(sentiment_files["train_file"], copy)  # the same bytes under another name count too
+    code, lines, out = prepare_in_process(_argv(tiny_bert, _files(sentiment_files, test_file=copy), tmp_path))
+    assert code == "accepted", lines
+    warned = [ln for ln in out.splitlines() if ln.startswith("warning: test_file: ")]
+    assert len(warned) == 1 and "same data as the train file" in warned[0] and "leakage" in warned[0], out
+
+
+@pytest.mark.parametrize("env", [{"HF_DATASETS_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
+def test_uncached_hub_dataset_offline_fails_fast(env, tiny_bert, tmp_path):
+    """Was ten lines of retry noise over 32 s, then the error."""
+    import time
+
+    argv = [a for a in tiny_args(tiny_bert, {"dataset": "someone/not-cached-anywhere"}, tmp_path / "run")]
+    started = time.time()
+    assert_refused(argv, "dataset", "not a preset, a local file nor in the datasets cache", env=env)
+    assert time.time() - started < 15

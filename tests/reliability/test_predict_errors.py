@@ -100,3 +100,27 @@ def test_stdin_and_blank_lines_kept(how, tiny_bert, tmp_path):
     assert [row["text"] for row in rows] == ["good film", "", "bad plot", " ", "nice"]
     assert [row["label"] is None for row in rows] == [False, True, False, True, False]
     assert all(row["label"] in ("neg", "pos") for row in rows if row["text"].strip())
+
+
+# --- issue 34 item 6 ----------------------------------------------------------------------------------
+
+def test_an_all_nan_adapter_is_refused(tiny_bert, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    export = _export(tmp_path / "export", tiny_bert)
+    tensors = load_file(str(export / "infoprompt.safetensors"))
+    tensors["prompt.weight"] = torch.full_like(tensors["prompt.weight"], float("nan"))  # predicted silently
+    save_file(tensors, str(export / "infoprompt.safetensors"))
+    _refused_in_process(["--export", str(export), "--text", "good film"], "export",
+                        "prompt.weight holds 128 NaN/inf value(s) of 128")
+
+
+def test_a_tampered_head_is_not_blamed_on_the_backbone(tiny_bert, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    export = _export(tmp_path / "export", tiny_bert)
+    tensors = load_file(str(export / "infoprompt.safetensors"))
+    tensors["head.weight"] = tensors["head.weight"][:, :31].contiguous()  # was "backbone is 32 wide, export 31"
+    save_file(tensors, str(export / "infoprompt.safetensors"))
+    _refused_in_process(["--export", str(export), "--text", "good film"], "export",
+                        "head.weight is [2, 31] but prompt.weight is [4, 32]: its tensors disagree")
