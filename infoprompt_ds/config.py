@@ -141,6 +141,10 @@ class TrainConfig:
         "(cosine critics with temperature tau, centred token vectors, standardised z, no cap, fp32): "
         "docs/method.md.")})
     tau: float = field(default=0.1, metadata={"help": "Temperature of the normalized estimator's cosine critics."})
+    estimator_trainable: bool = field(default=True, metadata={"help": (
+        "false: the estimator networks (critic, context map, own posterior) stay at their initialisation and "
+        "are not optimised, and L_head's gradient skips the class rows (they train by CE only), so only the "
+        "prompt can raise the MI bounds (the frozen-critic arm, docs/method.md). Needs vib_head=false.")})
     vib_head: bool = field(default=False, metadata={"help": (
         "The authors' VIB classifier: u ~ N(W_mu z, sigma^2) (the mean at evaluation), logits = (W_o u) . H^T + b, "
         "its KL weighted by kl_weight. false: plain class rows on z. NER always uses plain rows.")})
@@ -332,6 +336,9 @@ class TrainConfig:
                 object.__setattr__(self, name, 0.0)
             elif value is None:
                 object.__setattr__(self, name, default)
+        if not self.estimator_trainable and self.vib_head:
+            raise ConfigError("estimator_trainable", "false needs vib_head=false: with vib_head the classifier is "
+                              "L_repr's posterior and trains; drop --vib_head or --estimator_trainable false")
 
     @property
     def uses_mi(self) -> bool:

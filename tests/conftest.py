@@ -267,7 +267,7 @@ def assert_terms_pass_gradient_within_bounds(model, cfg, batch: dict, z0) -> Non
     for t in ("head", "repr"):
         assert float(m.passing[t]) == 1.0
         assert 0 <= float(m.terms[t]) <= float(m.chance[t]) + 2 / cfg.tau
-        grad = torch.autograd.grad(m.weighted[t], out["prompt"], retain_graph=True)[0]
+        grad = torch.autograd.grad(m.weighted[t], m.prompt, retain_graph=True)[0]
         assert grad.abs().sum() > 0, t
 
 

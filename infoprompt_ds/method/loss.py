@@ -22,8 +22,9 @@ from infoprompt_ds.method import mi
 TERMS = ("head", "repr", "kl")
 DOMINANT_RATIO = 10.0
 # Everything Diagnostics.flush can log (docs/tracking.md lists each; its doc test reads this).
-METRIC_NAMES = tuple(f"train/{t}_{k}" for t in ("head", "repr") for k in ("chance", "passing")) + \
-    tuple(f"train/{t}_grad_ratio" for t in TERMS)
+METRIC_NAMES = tuple(f"train/{t}_{k}" for t in ("head", "repr") for k in ("chance", "passing", "at_p0")) + \
+    tuple(f"train/{t}_grad_{k}" for t in TERMS for k in ("ratio", "cos"))
+SATURATION = ("head", "repr")  # the two bounds whose value at the initial prompt is logged
 
 
 @dataclass
@@ -52,7 +53,10 @@ def assemble(model, logits: torch.Tensor, labels: torch.Tensor, *, z: torch.Tens
         return out  # vanilla: nothing else is computed, so the step is exactly prompt tuning's
     est, clamp, tau = model.estimator_kind, model.mi_clamp, model.tau
     if model.gamma > 0:
-        loss_i, pass_i = mi.head_loss(prompt, model.head.weight, embeds, attention_mask, est, clamp, tau,
+        # The frozen-critic arm (estimator_trainable=false): L_head's gradient reaches the prompt only, not the
+        # class rows (they still train by CE), so that only the prompt can raise the bound.
+        head_rows = model.head.weight if model.estimator_trainable else model.head.weight.detach()
+        loss_i, pass_i = mi.head_loss(prompt, head_rows, embeds, attention_mask, est, clamp, tau,
                                       model.vocab_mean, model.estimator.critic)
         out.terms["head"], out.passing["head"] = loss_i.mean(), pass_i.float().mean()
         out.chance["head"] = torch.log1p(attention_mask.sum(1).float()).mean()
@@ -92,13 +96,23 @@ class Diagnostics:
     """Per logging window: train/<term>_chance, train/<term>_passing, train/<term>_grad_ratio (see
     docs/tracking.md), and one-line warnings. One per rank; `flush` is collective (all ranks call it)."""
 
-    def __init__(self, cfg, model):
+    def __init__(self, cfg, model, zero_stage: int = 3, rank: int = 0):
         self.cfg = cfg
         self.weights = {"head": cfg.gamma, "repr": cfg.beta, "kl": cfg.kl_weight}
         self.active = [t for t in TERMS if self.weights[t] > 0 and model.uses_mi]
         self.sums = torch.zeros(2 * len(TERMS) + 1, dtype=torch.float64)  # passing, chance per term; count
         self.ratios: dict[str, float] = {}
         self.warned: set[str] = set()
+        # Cosines of each term's prompt gradient with CE's need a backward through the backbone per term:
+        # possible below ZeRO-3 only (ZeRO-3 releases the gathered backbone weights after one backward).
+        self.cosines_on = zero_stage < 3
+        self.cos: dict[str, float] = {}
+        self._p_terms: dict[str, torch.Tensor] = {}
+        if self.active and not self.cosines_on and rank == 0:
+            print("diagnostics: train/<term>_grad_cos not logged under ZeRO-3 (a second backward through the "
+                  "partitioned backbone is not possible); use ZeRO-0/1/2 to log them", flush=True)
+        self.saturation = [t for t in SATURATION if t in self.active and getattr(model, "prompt_p0", None) is not None]
+        self.p0_sums = torch.zeros(len(SATURATION) + 1, dtype=torch.float64)  # each term at P0; count
 
     def add(self, result: dict) -> None:
         """After engine.backward: accumulate the window; finish the head ratio if grad_ratios ran."""
@@ -112,6 +126,9 @@ class Diagnostics:
                 self.ratios[t] = _ratio(float(g.norm()), ce_norm)
         self._head_grad = self._total_grad = self._z_total = None
         self._z_terms = {}
+        if self._p_terms:
+            self.cos = {t: _cosine(g, self._p_terms["ce"]) for t, g in self._p_terms.items() if t != "ce"}
+            self._p_terms = {}
         for i, t in enumerate(TERMS):
             if t in m.passing:
                 self.sums[2 * i] += float(m.passing[t])
@@ -140,17 +157,48 @@ class Diagnostics:
             m.prompt.register_hook(lambda g: setattr(self, "_total_grad", g.detach()))
         for t in ("repr", "kl"):
             if t in self.active:
-                g = torch.autograd.grad(m.weighted[t], m.z, retain_graph=True, allow_unused=True)[0]
+                # (A term with no graph at all: the KL of a frozen estimator's own posterior on a detached z.)
+                g = torch.autograd.grad(m.weighted[t], m.z, retain_graph=True, allow_unused=True)[0] \
+                    if m.weighted[t].requires_grad else None
                 self._z_terms[t] = g.detach() if g is not None else torch.zeros_like(m.z)
         if self._z_terms:
             m.z.register_hook(lambda g: setattr(self, "_z_total", g.detach()))
+        if self.cosines_on:
+            self._prompt_grads(m)
+
+    def _prompt_grads(self, m: MethodLoss) -> None:
+        """Below ZeRO-3: each weighted term's and CE's own gradient on the prompt (one backbone backward each for
+        CE, L_repr and a VIB's KL; L_head's needs none), for train/<term>_grad_cos. Taken directly, not as the
+        real backward's total minus the terms: that total is scaled by gradient accumulation and fp16's loss
+        scale. A term that does not reach the prompt (the KL without vib_head) gets no cosine."""
+        self._p_terms = {"ce": torch.autograd.grad(m.ce, m.prompt, retain_graph=True)[0].detach()}
+        for t in self.active:
+            if t == "head" and self._head_grad is not None:
+                self._p_terms[t] = self._head_grad
+                continue
+            g = torch.autograd.grad(m.weighted[t], m.prompt, retain_graph=True, allow_unused=True)[0] \
+                if m.weighted[t].requires_grad else None
+            if g is not None:
+                self._p_terms[t] = g.detach()
+
+    def add_p0(self, result: dict) -> None:
+        """The saturation diagnostic: the terms of a no-grad forward with the initial prompt P0 (forward(at_p0=
+        True)) and the current estimators, on the logging micro-batch. term ~ term_at_p0 says the estimators,
+        not the prompt, carry the bound (docs/method.md)."""
+        m: MethodLoss = result["method"]
+        for i, t in enumerate(SATURATION):
+            if t in self.saturation:
+                self.p0_sums[i] += float(m.terms[t])
+        self.p0_sums[-1] += 1
 
     def flush(self) -> dict[str, float]:
         import torch.distributed as dist
 
-        sums = self.sums.clone()
+        sums, p0 = self.sums.clone(), self.p0_sums.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
+            if self.saturation:  # every rank runs the P0 pass on the same steps: the same collective on all
+                dist.all_reduce(p0)
         logs: dict[str, float] = {}
         n = max(sums[-1].item(), 1.0)
         for i, t in enumerate(TERMS):
@@ -159,8 +207,13 @@ class Diagnostics:
                 logs[f"train/{t}_chance"] = sums[2 * i + 1].item() / n
             if t in self.ratios:
                 logs[f"train/{t}_grad_ratio"] = self.ratios[t]  # rank 0's logging micro-batch
+            if t in self.cos:
+                logs[f"train/{t}_grad_cos"] = self.cos[t]
+            if t in self.saturation and p0[-1] > 0:
+                logs[f"train/{t}_at_p0"] = p0[SATURATION.index(t)].item() / p0[-1].item()  # mean over ranks
         self.sums.zero_()
-        self.ratios = {}
+        self.p0_sums.zero_()
+        self.ratios, self.cos = {}, {}
         return logs
 
     def warn(self, logs: dict[str, float], rank: int) -> None:
@@ -177,6 +230,10 @@ class Diagnostics:
                 self.warned.add(f"dominant/{t}")
                 print(f"warning: train/{t} dominates the prompt's gradient ({ratio:.1f}x CE's); lower its weight "
                       f"(docs/method.md)", flush=True)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0, eps=1e-30))
 
 
 def _ratio(num: float, den: float) -> float:

@@ -102,6 +102,15 @@ class InfoPromptModel(nn.Module):
         # Vanilla prompt tuning builds no estimator at all: nothing extra to train, store or compute.
         self.estimator = mi.Estimator(hidden, cfg.bottleneck_dim, own_posterior=self.vib is None,
                                       bilinear=cfg.estimator == "normalized") if cfg.uses_mi else None
+        self.estimator_trainable = cfg.estimator_trainable
+        if self.estimator is not None and not cfg.estimator_trainable:
+            # The frozen-critic arm: outside the optimizer (setup passes only requires_grad parameters) and out
+            # of checkpoints (frozen weights are excluded); a resume rebuilds the same init from the seed.
+            self.estimator.requires_grad_(False)
+        # The initial prompt P0, kept for the saturation diagnostic (method.Diagnostics.add_p0); set by
+        # build_model once the prompt is initialised. Not persistent: a resume rebuilds the same init.
+        self.register_buffer("prompt_p0", torch.zeros(cfg.n_virtual_tokens, hidden) if self.uses_mi and
+                             self.prompt is not None else None, persistent=False)
         self.estimator_kind, self.tau = cfg.estimator, cfg.tau
         self.mi_clamp = cfg.mi_clamp or None
         self.pooling = pooling
@@ -228,7 +237,11 @@ class InfoPromptModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None, entity_pos=None, mask_pos=None,
                 z_unprompted=None, eps_pos=None, eps_neg=None, mi_scale: float = 1.0, unprompted_only: bool = False,
-                deep_record: bool = False) -> dict[str, Any]:
+                deep_record: bool = False, at_p0: bool = False) -> dict[str, Any]:
+        """at_p0: the initial prompt P0 instead of the current one (the saturation diagnostic; with an instance
+        prompt P0(x) = P0, the generator's last layer starting at zero). With prompt_depth=deep only the
+        input-layer prompt is set back to P0 (the deeper layers keep their current vectors): the MI terms are
+        defined on the input-layer prompt."""
         if unprompted_only:  # routed through forward so that DeepSpeed's engine hooks see the pass
             return {"z": self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos, mask_pos)}
         if deep_record:  # deep_prompt_init=propagate (deep.init_propagated), through the engine likewise
@@ -236,12 +249,14 @@ class InfoPromptModel(nn.Module):
         embeds = self.backbone.get_input_embeddings()(input_ids)
         b, n = input_ids.shape[0], self.n_virtual_tokens
         prompt = embeds.new_zeros(0, embeds.shape[-1])
-        if self.prompt is not None:
+        if at_p0:
+            prompt = self.prompt_p0.to(embeds.dtype)
+        elif self.prompt is not None:
             # "* 1" (exact) makes the prompt this forward uses a non-leaf tensor: the diagnostics take
             # gradients with respect to it, which must stop here and never run the parameter's own
             # gradient hooks (ZeRO's reduce hooks would swallow them and add them to the step's gradient).
             prompt = self.prompt.weight.to(embeds.dtype) * 1
-        if self.generator is not None:  # instance prompt: (B, n, d), from the (cached) unprompted state
+        if self.generator is not None and not at_p0:  # instance prompt: (B, n, d), from the (cached) unprompted state
             if z_unprompted is None:
                 z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos, mask_pos)
             z_in = self.standardise(z_unprompted.to(embeds.dtype))
@@ -267,7 +282,14 @@ class InfoPromptModel(nn.Module):
             z_unprompted = self.unprompted(input_ids, attention_mask, token_type_ids, entity_pos, mask_pos)
         m = method.assemble(self, logits, labels, z=z, z_plain=z_unprompted, prompt=prompt, embeds=embeds,
                             attention_mask=attention_mask, eps_pos=eps_pos, eps_neg=eps_neg, mi_scale=mi_scale)
-        out.update(loss=m.loss, ce=m.ce, method=m, prompt=prompt, **m.terms)
+        # Detached: DeepSpeed hooks every output tensor to start its backward bookkeeping, so a diagnostic gradient
+        # through one (ZeRO-1/2) ran the engine's backward epilogue early (reduce_ipg_grads IndexError). The
+        # graph tensors travel in `method` (MethodLoss.prompt, .z, .ce, .terms); only the loss is
+        # left to start the engine's backward.
+        # (Vanilla's loss is its CE: that one tensor stays as it was.)
+        ce = m.ce.detach() if m.loss is not m.ce else m.ce
+        out.update(logits=logits.detach(), loss=m.loss, ce=ce, method=m, prompt=prompt.detach(), z=z.detach(),
+                   **{k: v.detach() for k, v in m.terms.items()})
         return out
 
 
@@ -341,6 +363,8 @@ def build_model(cfg: TrainConfig, model_config, tokenizer, task: Task, dtype: to
     for part in (model.prompt, model.deep_prompt, model.generator, model.head, model.vib, model.estimator):
         if part is not None:
             part.to(dtype)
+    if model.prompt_p0 is not None:
+        model.prompt_p0 = model.prompt.weight.detach().clone()  # P0 exactly as the first step reads it
     return model
 
 

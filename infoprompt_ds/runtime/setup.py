@@ -165,7 +165,7 @@ def setup(cfg: TrainConfig) -> Run:
               prep.identity, lock=prep.lock,
               best_metric=client.get("best_metric"), best_step=client.get("best_step"),
               best_single_class=bool(client.get("best_single_class", False)),
-              nonfinite_total=int(client.get("nonfinite_steps", 0)), diag=Diagnostics(cfg, engine.module))
+              nonfinite_total=int(client.get("nonfinite_steps", 0)), diag=Diagnostics(cfg, engine.module, zero_stage(prep.ds_config), prep.rank))
     if not client:  # a resumed run logged its parameters when it started
         # resolved values (pooling, task, warmup...) first: the first value logged for a param wins
         tracker.log_resolved(cfg, prep.data, engine.module.pooling, prep.ds_config)

@@ -124,19 +124,33 @@ def train_step(run: Run, batch: dict, micro: int) -> StepOut:
     if not all_min(run.guard.ok(result["loss"].item())):
         retrace_zero3(engine)  # this forward had no backward: start a fresh ZeRO-3 fetch trace
         return StepOut(False, result["loss"].item(), float("nan"), dict.fromkeys(MI_TERMS, 0.0), 0, 0)
-    if (micro + 1) % run.cfg.gradient_accumulation_steps == 0 and (
-            (run.step + 1) % run.cfg.logging_steps == 0 or run.step + 1 == run.total_steps):
+    logging = (micro + 1) % run.cfg.gradient_accumulation_steps == 0 and (
+        (run.step + 1) % run.cfg.logging_steps == 0 or run.step + 1 == run.total_steps)
+    if logging:
         run.diag.grad_ratios(result)  # the terms' gradients on the prompt, on logging steps only
     engine.backward(result["loss"])
     run.diag.add(result)
     before = engine.global_steps
     engine.step()
     boundary = engine.global_steps != before
+    if logging and run.diag.saturation:
+        p0_pass(run, batch, micro)
     return StepOut(True, result["loss"].item(), result["ce"].item(),
                    {k: result[k].item() if k in result else 0.0 for k in MI_TERMS},
                    batch["input_ids"].shape[0], int(batch["attention_mask"].sum().item()),
                    boundary=boundary, applied=boundary and engine.was_step_applied(),
                    positions=batch["attention_mask"].numel())
+
+
+def p0_pass(run: Run, batch: dict, micro: int) -> None:
+    """The saturation diagnostic's one no-grad forward per logging window: this micro-batch, its noise, the
+    initial prompt P0 and the estimators just updated (method.Diagnostics.add_p0). Every rank runs it on the
+    same steps (ZeRO-3 gathers in it); it is a different pass from the step's, so ZeRO-3 retraces around it."""
+    retrace_zero3(run.engine)
+    with torch.no_grad():
+        result = run.engine(**model_inputs(batch), labels=batch["labels"], **mi_inputs(run, batch, micro), at_p0=True)
+    retrace_zero3(run.engine)
+    run.diag.add_p0(result)
 
 
 def count_nonfinite(run: Run, what: str, step: int) -> None:

@@ -56,9 +56,9 @@ def test_step0_normalized_terms_pass_gradient_for_every_example(request, fixture
     for t in ("head", "repr"):
         assert float(m.passing[t]) == 1.0
         assert 0 <= float(m.terms[t]) <= float(m.chance[t]) + 2 / cfg.tau
-        grad = torch.autograd.grad(m.weighted[t], out["prompt"], retain_graph=True)[0]
+        grad = torch.autograd.grad(m.weighted[t], m.prompt, retain_graph=True)[0]
         assert grad.abs().sum() > 0, t
-    kl_grad = torch.autograd.grad(m.weighted["kl"], out["prompt"], retain_graph=True, allow_unused=True)[0]
+    kl_grad = torch.autograd.grad(m.weighted["kl"], m.prompt, retain_graph=True, allow_unused=True)[0]
     # the KL reaches the prompt only through the VIB classifier
     assert (kl_grad is not None and kl_grad.abs().sum() > 0) == vib_head
     assert torch.allclose(m.loss, m.ce + sum(m.weighted.values()))
@@ -144,12 +144,15 @@ def test_instance_prompt_starts_as_the_static_prompt_and_then_depends_on_the_inp
     assert not torch.allclose(p[0], p[1])  # each input now gets its own prompt
 
 
-@pytest.mark.parametrize("terms", ["head,repr,kl", "repr", "kl"])
-def test_diagnostics_do_not_change_training(tiny_bert, sentiment_files, tmp_path, terms):
-    """The gradient-ratio diagnostics take extra gradients on logging steps: a real one-rank ZeRO-3 run that
-    logs (and takes them) every step ends with bitwise the same weights as one that logs only at the end,
-    and the ratios it logs are non-zero. Each term alone too: with gamma=0 the diagnostics once broke the
-    step after the first logged one (a gradient of CE taken before the real backward)."""
+@pytest.mark.parametrize("terms,zero", [("head,repr,kl", "zero3"), ("repr", "zero3"), ("kl", "zero3"),
+                                        ("head,repr,kl", "zero2")])
+def test_diagnostics_do_not_change_training(tiny_bert, sentiment_files, tmp_path, terms, zero):
+    """The gradient diagnostics take extra gradients on logging steps, and the saturation diagnostic one
+    no-grad forward at P0: a real one-rank ZeRO-3 (and ZeRO-2) run that logs (and takes them) every step ends
+    with bitwise the same weights as one that logs only at the end, and the ratios it logs are non-zero. Each
+    term alone too: with gamma=0 the diagnostics once broke the step after the first logged one (a gradient of
+    CE taken before the real backward). ZeRO-2 once crashed in them (DeepSpeed's backward epilogue run by a
+    diagnostic gradient through a hooked output tensor); there the cosines to CE's gradient are logged too."""
     import mlflow
 
     terms = terms.split(",")
@@ -159,7 +162,7 @@ def test_diagnostics_do_not_change_training(tiny_bert, sentiment_files, tmp_path
     for every in (1, 100):
         out = tmp_path / f"log{every}"
         proc = run_cli(tiny_args(tiny_bert, sentiment_files, out, max_steps=4, eval_steps=4, logging_steps=every,
-                                 vib_head="true", **weights))
+                                 vib_head="true", deepspeed=f"ds_configs/{zero}.json", **weights))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         assert "passes no gradient" not in proc.stdout
         outs[every] = load_file(str(out / "export" / "infoprompt.safetensors"))
@@ -170,6 +173,37 @@ def test_diagnostics_do_not_change_training(tiny_bert, sentiment_files, tmp_path
     for t in terms:
         ratios = [m.value for m in client.get_metric_history(run_id, f"train/{t}_grad_ratio")]
         assert len(ratios) == 4 and all(r > 0 for r in ratios), (t, ratios)
+        cosines = [m.value for m in client.get_metric_history(run_id, f"train/{t}_grad_cos")]
+        assert len(cosines) == (4 if zero == "zero2" else 0) and all(-1 <= c <= 1 for c in cosines), (t, cosines)
+        if t != "kl":
+            assert len(client.get_metric_history(run_id, f"train/{t}_at_p0")) == 4, t
+
+
+def test_frozen_critic_run_logs_its_field_and_resumes_exactly(tiny_bert, sentiment_files, tmp_path):
+    """estimator_trainable=false on a real one-rank ZeRO-3 run: an MLflow param like every config field, the
+    estimator neither trained nor exported, the saturation diagnostic logged, and a resume from the middle
+    (the frozen estimator is rebuilt from the seed, checkpoints exclude frozen weights) ends bitwise equal."""
+    import mlflow
+
+    args = tiny_args(tiny_bert, sentiment_files, tmp_path / "full", max_steps=4, eval_steps=4, save_steps=2,
+                     estimator_trainable="false")
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "grad_cos not logged under ZeRO-3" in proc.stdout
+    resumed = tmp_path / "resumed"
+    proc = run_cli([a if a != str(tmp_path / "full") else str(resumed) for a in args]
+                   + ["--resume_from_checkpoint", str(tmp_path / "full" / "checkpoints" / "step2")])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    a = load_file(str(tmp_path / "full" / "export" / "infoprompt.safetensors"))
+    b = load_file(str(resumed / "export" / "infoprompt.safetensors"))
+    assert set(a) == set(b) and not any(k.startswith("estimator.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'full' / 'mlflow.db'}")
+    run_id = json.loads((tmp_path / "full" / "metrics.json").read_text())["mlflow_run_id"]
+    assert client.get_run(run_id).data.params["estimator_trainable"] == "False"
+    for t in ("head", "repr"):
+        assert len(client.get_metric_history(run_id, f"train/{t}_at_p0")) == 4, t
 
 
 @pytest.mark.parametrize("prompt_type", ["static", "instance"])
