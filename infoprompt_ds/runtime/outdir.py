@@ -281,7 +281,8 @@ def check_resume_plan(tag_dir: Path, total_steps: int, ds_config: dict, out: Pat
     if done > total_steps:
         raise ConfigError("max_steps", f"{tag_dir} is at step {done}, past this run's last step {total_steps}; "
                           f"give --max_steps {done} or more to continue it (or resume an earlier checkpoint)")
-    need, free = folder_bytes(tag_dir), shutil.disk_usage(out).free
+    where = next(p for p in (out, *out.resolve().parents) if p.exists())  # a resume into a new folder: its parent's disk
+    need, free = folder_bytes(tag_dir), shutil.disk_usage(where).free
     if free < need:  # the resume would train, then fail at its first save (issue 34 item 4)
         raise ConfigError("output_dir", f"{out} has {free} bytes free, but a checkpoint needs ~{need} bytes (the size "
                           f"of {tag_dir.name}); free space, then resume")
