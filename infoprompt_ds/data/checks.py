@@ -118,15 +118,9 @@ def check_texts_not_all_empty(ds, text_column: str, field_name: str) -> None:
 def warn_shared_files(files: dict[str, tuple[str, str]]) -> None:
     """The same file (or the same bytes) as two splits: the test or validation score would be measured on
     training examples (issue 34 item 6). A warning: a smoke run may do it on purpose."""
-    import hashlib
     import os
 
-    def digest(f: str) -> str:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+    from infoprompt_ds.backbone import file_sha256 as digest
 
     sizes = [Path(f).stat().st_size for _, f in files.values()]
     seen: dict[str, str] = {}

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from infoprompt_ds.env import free_port  # noqa: F401 (the tests import it from here)
@@ -164,3 +165,38 @@ def record_case(request, item: str) -> None:
     if rep is not None and rep.skipped:  # not tried here (e.g. a read-only folder cannot stop root)
         return
     record(item, case=request.node.name, tried=1, clean=int(bool(rep and rep.passed)))
+
+
+@contextmanager
+def small_tmpfs(where: Path, size: str):
+    """A real small disk (tmpfs of `size`, e.g. "16m") mounted at `where` for the with-block; skips the test
+    where mounting is not allowed (not root, or no mount)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a real full disk) needs root")
+    where.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)])
+
+
+def fill(path: Path) -> None:
+    """Write zeros to `path` until its disk is full (ENOSPC), flushing every block so that it really is."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    try:
+        with open(path, "ab") as f:  # the last partial block
+            while True:
+                f.write(b"\0")
+                f.flush()
+    except OSError:
+        pass

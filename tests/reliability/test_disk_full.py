@@ -7,13 +7,11 @@ the resume finishes."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 
 import pytest
 
 from conftest import run_cli, tiny_args
-from reliability_lib import (assert_refused, kill_session, launch, python_cmd, record_case, stderr_lines,
+from reliability_lib import (fill, small_tmpfs, assert_refused, kill_session, launch, python_cmd, record_case, stderr_lines,
                              wait_until)
 
 pytestmark = pytest.mark.reliability
@@ -27,31 +25,8 @@ def _count(request):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs (a real full disk) needs root")
-    where = tmp_path / "disk"
-    where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield where
-    subprocess.run(["umount", "-l", str(where)])
-
-
-def _fill(path) -> None:
-    with open(path, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    try:
-        with open(path, "ab") as f:  # the last partial block
-            while True:
-                f.write(b"\0")
-                f.flush()
-    except OSError:
-        pass
+    with small_tmpfs(tmp_path / "disk", "16m") as where:
+        yield where
 
 
 def test_disk_full_during_a_save(small_disk, tiny_bert, sentiment_files, tmp_path):
@@ -67,7 +42,7 @@ def test_disk_full_during_a_save(small_disk, tiny_bert, sentiment_files, tmp_pat
     proc = launch(python_cmd(args), log, env=env)
     try:
         assert wait_until(lambda: (out / "checkpoints" / "latest").exists(), 300, proc), log.read_text()[-3000:]
-        _fill(small_disk / "ballast")
+        fill(small_disk / "ballast")
         rc = proc.wait(timeout=300)
     finally:
         kill_session(proc)

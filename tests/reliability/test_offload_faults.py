@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_args
-from reliability_lib import kill_session, launch, python_cmd, record_case, wait_until
+from reliability_lib import fill, kill_session, launch, python_cmd, record_case, small_tmpfs, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -149,32 +149,15 @@ def test_a_full_offload_folder_mid_run_loses_nothing(nvme_reference, wide_bert, 
     """--offload_dir on a small tmpfs (root only) filled up once the first checkpoint is complete: the swap
     files were allocated at start-up and are rewritten in place, so the run trains to the end, bitwise equal
     to the reference."""
-    import os
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs (a real full disk) needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_tmpfs(tmp_path / "disk", "64m") as disk:
         out, log = tmp_path / "run", tmp_path / "log"
         proc = launch(python_cmd(_args(wide_bert, sentiment_files, out, disk / "swap")), log)
         try:
             assert wait_until(lambda: (out / "checkpoints" / "latest").exists(), 600, proc), log.read_text()[-3000:]
-            with open(disk / "ballast", "wb") as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 65536)
-                        f.flush()
-                except OSError:
-                    pass
+            fill(disk / "ballast")
             assert proc.poll() is None, "the run ended before its offload folder was full"
             rc = proc.wait(timeout=300)
         finally:
             kill_session(proc)
         assert rc == 0 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
         _bitwise(nvme_reference, out / "export")
-    finally:
-        subprocess.run(["umount", "-l", str(disk)])
