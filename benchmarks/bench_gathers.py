@@ -80,7 +80,11 @@ def build(cfg, ds_path, data, tok, mc):
     micro_per_epoch, total = plan_steps(cfg, len(data.splits["train"]), 1)
     ds = fill_ds_config(load_ds_config(ds_path), cfg, 1, total, mc.hidden_size)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, mc, tok, data.task, torch.float32, ds, data.readout)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32  # as runtime/setup.py picks it
+    from infoprompt_ds.method.model import pick_attention_kernel
+
+    pick_attention_kernel(dtype, torch.device("cpu"))
+    model = build_model(cfg, mc, tok, data.task, dtype, ds, data.readout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
     collate = DataCollatorWithPadding(tok, return_tensors="pt")

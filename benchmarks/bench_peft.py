@@ -108,7 +108,7 @@ def peft_worker(args) -> None:
             "bf16": targs.bf16, "group_by_length": targs.train_sampling_strategy == "group_by_length"}))
 
 
-def ours(args, out_dir: Path) -> dict:
+def ours(args, out_dir: Path, best: bool = False) -> dict:
     from mlflow.tracking import MlflowClient
 
     run_dir = out_dir / f"ours-{time.time_ns()}"
@@ -119,6 +119,8 @@ def ours(args, out_dir: Path) -> dict:
              "learning_rate": 1e-2, "mlflow_experiment": "bench-peft"}
     if args.train_file:
         flags["train_file"] = args.train_file
+    if best:  # the same two switches PEFT-best gets from the Trainer
+        flags.update(bf16="true", group_by_length="true")
     cmd = [sys.executable, str(ROOT / "train.py")] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
     res, rss, wall = _run(cmd, args)
     if res["rc"] != 0:
@@ -129,7 +131,7 @@ def ours(args, out_dir: Path) -> dict:
     windows = [v for s, v in hist if s > args.warmup]  # the window ending at step `warmup` holds the first steps
     # equal-sized windows: overall samples/s is the harmonic mean of the window rates
     sps = len(windows) / sum(1 / v for v in windows)
-    return {"status": "ok", "impl": "ours", "command": cmd, "samples_per_s": sps, "window_samples_per_s": windows,
+    return {"status": "ok", "impl": "ours_best" if best else "ours", "command": cmd, "samples_per_s": sps, "window_samples_per_s": windows,
             "peak_rss_bytes": rss, "wall_s": wall}
 
 
@@ -192,6 +194,8 @@ def settings_of(args) -> dict:
               "warmup_steps_dropped": args.warmup}
     return {"ours": {**shared, "impl": "train.py --method prompt (our defaults)", "precision": "fp32",
                      "group_by_length": False},
+            "ours_best": {**shared, "impl": "train.py --method prompt --bf16 true --group_by_length true",
+                          "precision": "bf16", "group_by_length": True},
             "peft": {**shared, "impl": "PEFT PromptTuningConfig(SEQ_CLS) + HF Trainer (defaults)",
                      "precision": "bf16" if not args.cpu and _has_gpu() else "fp32", "group_by_length": False},
             "peft_best": {**shared, "impl": "PEFT PromptTuningConfig(SEQ_CLS) + HF Trainer (best settings)",
@@ -231,14 +235,16 @@ def main(argv=None):
     if args.worker:
         return peft_worker(args)
     arms = args.arms.split(",")
-    fns = {"ours": ours, "peft": peft, "peft_best": lambda a, w: peft(a, w, best=True)}
+    fns = {"ours": ours, "ours_best": lambda a, w: ours(a, w, best=True), "peft": peft,
+           "peft_best": lambda a, w: peft(a, w, best=True)}
     settings = {k: v for k, v in settings_of(args).items() if k in arms}
     for arm, st in settings.items():
         print(f"[bench_peft] {arm}: " + ", ".join(f"{k}={v}" for k, v in st.items()), flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench_peft_"))
     t0 = time.perf_counter()
     runs, pairs, stop = [], [], "max_pairs"
-    others = [a for a in arms if a != "ours"]
+    # each of our arms over each PEFT arm; the two figures are ours/peft and ours/peft_best
+    ratios = [(a, b) for a in arms if a.startswith("ours") for b in arms if b.startswith("peft")]
     for i in range(args.max_pairs):
         if i >= args.min_pairs and time.perf_counter() - t0 > args.budget_s:
             stop = "budget_s"
@@ -252,20 +258,20 @@ def main(argv=None):
             got[arm] = r
             print(f"[bench_peft] round {i} {arm}: {r['status']} {r.get('samples_per_s', float('nan')):.2f} samples/s, "
                   f"peak RSS {r.get('peak_rss_bytes', 0) / 2**20:.0f} MiB", flush=True)
-        if all(r["status"] == "ok" for r in got.values()) and "ours" in got:
+        if all(r["status"] == "ok" for r in got.values()) and ratios:
             pairs.append({"pair": i, "order": order, **{
-                f"{m}_ours_over_{o}": got["ours"][f] / got[o][f]
-                for o in others for m, f in (("speed_ratio", "samples_per_s"), ("rss_ratio", "peak_rss_bytes"))}})
+                f"{m}_{a}_over_{b}": got[a][f] / got[b][f]
+                for a, b in ratios for m, f in (("speed_ratio", "samples_per_s"), ("rss_ratio", "peak_rss_bytes"))}})
         if len(pairs) >= args.min_pairs and all(
                 max(hi - med, med - lo) <= args.ci_halfwidth
-                for med, lo, hi in (median_interval([p[f"speed_ratio_ours_over_{o}"] for p in pairs]) for o in others)):
+                for med, lo, hi in (median_interval([p[f"speed_ratio_{a}_over_{b}"] for p in pairs]) for a, b in ratios)):
             stop = "ci_halfwidth"
             break
     summary = {"rounds": len(pairs), "stopped_by": stop}
-    for o in others:
+    for a, b in ratios:
         for m in ("speed_ratio", "rss_ratio"):
-            xs = [p[f"{m}_ours_over_{o}"] for p in pairs]
-            key = f"{m}_ours_over_{o}"
+            key = f"{m}_{a}_over_{b}"
+            xs = [p[key] for p in pairs]
             summary[key] = {k: v for k, v in summarize(xs).items() if k in ("n", "median", "min", "max")}
             if xs:
                 _, lo, hi = median_interval(xs)

@@ -2,6 +2,11 @@
 user would pick instead of our vanilla prompt tuning, on the same backbone, data, steps and DeepSpeed json.
 
     python benchmarks/peft_prompt.py <train.py flags>     # writes output_dir/metrics.json like train.py
+    python benchmarks/peft_prompt.py --peft_type prefix <train.py flags>   # PEFT prefix tuning instead
+
+--peft_type (this script's only own flag): prompt (PromptTuningConfig, the default: a prompt at the input) or
+prefix (PrefixTuningConfig, issue 33's study v3: n_virtual_tokens trainable key/value prefixes in every
+layer's attention, PEFT's defaults: no reparameterisation MLP, random init; prompt_init is ignored there).
 
 A drop-in for `train.py` in benchmarks/study.py: it takes every TrainConfig flag (parsed by the project's
 own parse_config, so every default is train.py's; method, the InfoPrompt weights, cache and checkpoint
@@ -105,13 +110,13 @@ def label_word_logits(word_ids: list[int]):
     return fn
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, peft_type: str = "prompt") -> dict:
     from infoprompt_ds.env import setup_environment
 
     setup_environment()  # before torch and DeepSpeed are imported
     import torch
     import peft
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, DataCollatorForSeq2Seq,
                               DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed)
 
@@ -180,19 +185,26 @@ def run(cfg: TrainConfig) -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(data.label_names))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
-    init = INIT[cfg.prompt_init]
-    init_text = cfg.prompt_init_text if cfg.prompt_init == "text" else \
-        " ".join(task.words() or []) if cfg.prompt_init == "labels" else None
-    pcfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
-                              num_virtual_tokens=cfg.n_virtual_tokens, prompt_tuning_init=PromptTuningInit(init),
-                              prompt_tuning_init_text=init_text, tokenizer_name_or_path=path if init_text else None)
+    task_type = TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS
+    if peft_type == "prefix":
+        if not causal:  # PEFT's causal-LM path hands past_key_values on through **kwargs; no shim needed there
+            accept_past_key_values(model)  # PEFT's prefix tuning has one init (random embedding rows)
+        init = "PREFIX_RANDOM"
+        pcfg = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.n_virtual_tokens)
+    else:
+        init = INIT[cfg.prompt_init]
+        init_text = cfg.prompt_init_text if cfg.prompt_init == "text" else \
+            " ".join(task.words() or []) if cfg.prompt_init == "labels" else None
+        pcfg = PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.n_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit(init), prompt_tuning_init_text=init_text,
+                                  tokenizer_name_or_path=path if init_text else None)
     model = get_peft_model(model, pcfg)
     trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
 
     # --- tracking, best-prompt keeping ------------------------------------------------------------------
     tracker = Tracker(enabled=True)
     tracker.start(cfg.mlflow_experiment, cfg.output_dir, run_name_for(cfg), None,
-                  {**run_tags(cfg), "method": "peft_prompt_tuning", "impl": "peft"})
+                  {**run_tags(cfg), "method": f"peft_{peft_type}_tuning", "impl": "peft"})
     metric = task.metric
     state = {"best": None, "best_step": None, "weights": None}
     trainer = None
@@ -225,7 +237,7 @@ def run(cfg: TrainConfig) -> dict:
     collate = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE) if causal else DataCollatorWithPadding(tok)
     status = "FAILED"
     try:
-        tracker.log_params({**cfg.to_dict(), "impl": "peft", "peft_version": peft.__version__,
+        tracker.log_params({**cfg.to_dict(), "impl": "peft", "peft_type": peft_type, "peft_version": peft.__version__,
                             "peft_task_type": TaskType(pcfg.task_type).value, "prompt_tuning_init": init,
                             "trainable_params": trainable, "total_steps": total_steps, "world_size": 1,
                             "n_train": len(splits["train"]), "n_validation": len(splits["validation"]),
@@ -248,7 +260,7 @@ def run(cfg: TrainConfig) -> dict:
         result = {"global_step": trainer.state.global_step, "best_step": state["best_step"],
                   f"best_validation_{metric}": state["best"], "test": test, "test_weights": weights,
                   "mlflow_run_id": tracker.run_id, "world_size": 1, "impl": "peft",
-                  "peft": {"version": peft.__version__, "task_type": TaskType(pcfg.task_type).value, "prompt_tuning_init": init,
+                  "peft": {"version": peft.__version__, "peft_type": peft_type, "task_type": TaskType(pcfg.task_type).value, "prompt_tuning_init": init,
                            "trainable_params": trainable},
                   "ds_config_vs_train_py": _diff(ours_ds, hf_ds)}
         print("[peft test] " + " ".join(f"{k}={v:.4f}" for k, v in test.items()), flush=True)
@@ -260,6 +272,22 @@ def run(cfg: TrainConfig) -> dict:
         tracker.end(status)
         shutil.rmtree(out / "hf_trainer", ignore_errors=True)  # save_strategy no: nothing of value there
         unlink_deepspeed_shm(0, 1)
+
+
+def accept_past_key_values(model) -> None:
+    """PEFT 0.21's prefix tuning passes its prefixes as `past_key_values` and refuses a model whose forward
+    signature lacks that name ("Model does not support past key values which are required for prefix
+    tuning"). transformers 5 renamed the argument `cache` and still takes the old name through
+    deprecate_kwarg, and BERT's layers use a given cache in encoder self-attention too; only the name in the
+    signature is missing. The one-line shim a user on these versions would write: a forward that names
+    `past_key_values` and hands it on under the new name (SEQ_CLS only; tests/unit/test_benchmarks.py checks
+    that the prefixes then reach the output)."""
+    inner = model.forward
+
+    def forward(*args, past_key_values=None, **kwargs):  # no functools.wraps: PEFT reads this signature
+        return inner(*args, cache=past_key_values, **kwargs)
+
+    model.forward = forward
 
 
 def _diff(ours: dict, theirs: dict, prefix: str = "") -> dict:
@@ -275,8 +303,20 @@ def _diff(ours: dict, theirs: dict, prefix: str = "") -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg = exit_on_config_error(parse_config, sys.argv[1:] if argv is None else argv)
-    return exit_on_config_error(run, cfg)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    peft_type = "prompt"
+    if "--peft_type" in argv:  # ours, not a TrainConfig field: taken out before the project's parser sees argv
+        i = argv.index("--peft_type")
+        peft_type = argv[i + 1] if i + 1 < len(argv) else ""
+        del argv[i:i + 2]
+    if peft_type not in ("prompt", "prefix"):
+        exit_on_config_error(_bad_peft_type, peft_type)
+    cfg = exit_on_config_error(parse_config, argv)
+    return exit_on_config_error(run, cfg, peft_type)
+
+
+def _bad_peft_type(value: str):
+    raise ConfigError("peft_type", f"got {value!r}; use prompt (PEFT prompt tuning) or prefix (PEFT prefix tuning)")
 
 
 if __name__ == "__main__":

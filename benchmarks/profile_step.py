@@ -44,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--model", default=MINILM)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--method", default="infoprompt")
+    ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--results", default=str(RESULTS / "profile_step.json"))
     args = ap.parse_args(argv)
 
@@ -62,7 +64,8 @@ def main(argv=None):
 
     deepspeed.init_distributed(dist_backend="gloo")
     path = ROOT / "ds_configs" / f"{args.config}.json"
-    cfg = TrainConfig(model_name_or_path=args.model, per_device_train_batch_size=args.batch,
+    cfg = TrainConfig(model_name_or_path=args.model, per_device_train_batch_size=args.batch, method=args.method,
+                      bf16=args.bf16,
                       output_dir=tempfile.mkdtemp(prefix="profile_step_"), deepspeed=str(path))
     tok, mc = load_tokenizer(cfg), load_model_config(cfg)
     run, _ = build(cfg, str(path), prepare_data(cfg, tok, mc), tok, mc)

@@ -73,16 +73,22 @@ ARMS: dict[str, dict[str, str]] = {
     # Deep prompts (issue 33): vectors at every layer's input, vs input prompts; the two deep inits vs each other.
     "prompt_deep": {"method": "prompt", "prompt_depth": "deep"},
     "prompt_deep_random": {"method": "prompt", "prompt_depth": "deep", "deep_prompt_init": "random"},
+    # The InfoPrompt terms on deep prompts (they read the input-layer prompt, docs/method.md), vs prompt_deep.
+    "infoprompt_deep": {"method": "infoprompt", "prompt_depth": "deep"},
+    # HF PEFT prefix tuning (key/value prefixes in every layer) + the HF Trainer, the peer of deep prompts.
+    "peft_prefix": {"method": "prompt", "peft_type": "prefix"},
     # Length-grouped training order (issue 37): the same job with --group_by_length true, vs the default order.
     "infoprompt_grouped": {"method": "infoprompt", "group_by_length": "true"},
 }
 # Arms run by another script than train.py: same flags, same output_dir/metrics.json.
-SCRIPTS = {"zeroshot": "benchmarks/zero_shot.py", "peft": "benchmarks/peft_prompt.py"}
+SCRIPTS = {"zeroshot": "benchmarks/zero_shot.py", "peft": "benchmarks/peft_prompt.py",
+           "peft_prefix": "benchmarks/peft_prompt.py"}
 # The arm each arm is compared with, seed by seed (default: vanilla prompt tuning).
 CONTROL = {"infoprompt_vib": "prompt_vib", "infoprompt_instance": "prompt_instance",
            "infoprompt_random": "prompt_random", "infoprompt_linear": "prompt_linear",
            "prompt": "zeroshot", "zeroshot": None,  # None: the floor
-           "infoprompt_grouped": "infoprompt", "prompt_deep_random": "prompt_deep"}
+           "infoprompt_grouped": "infoprompt", "prompt_deep_random": "prompt_deep",
+           "infoprompt_deep": "prompt_deep"}
 
 R8_WORDS = "earn=earn,acq=acquisition,crude=oil,trade=trade,money-fx=currency,interest=interest,ship=ship,grain=grain"
 # One common word per newsgroup; first tokens differ under MiniLM's WordPiece and SmolLM2's BPE (check_tokenizer).

@@ -174,22 +174,23 @@ def test_study_smoke(tiny_bert_long, tmp_path, capsys):
 def test_study_peft_arm_smoke(tiny_bert_long, tiny_llama_lm, tmp_path):
     """Issue 13's `peft` arm (benchmarks/peft_prompt.py: HF PEFT prompt tuning through the HF Trainer) beside
     our vanilla `prompt` arm, on an encoder (readout linear -> SEQ_CLS) and a causal LM (readout lm_label ->
-    CAUSAL_LM), paired seed by seed."""
+    CAUSAL_LM), paired seed by seed; and issue 33's `peft_prefix` arm (PEFT prefix tuning, same script)."""
     pytest.importorskip("peft")
     import study
+    from transformers import AutoConfig
 
     files = {k: write_csv(tmp_path / f"{k}.csv", make_rows(n, s)) for k, n, s in
              (("train", 8, 0), ("validation", 4, 1), ("test", 4, 2))}
     out = tmp_path / "study_peft_arm.json"  # not the tag's name: the plot follows the results file
     study.main(["--datasets", "local", "--backbones", f"{tiny_bert_long},{tiny_llama_lm}", "--seeds", "0",
-                "--methods", "prompt,peft", "--max_steps", "4", "--eval_steps", "2", "--max_eval_samples", "8",
-                "--work_dir", str(tmp_path / "work"), "--tag", "peft", "--results", str(out),
+                "--methods", "prompt,peft,peft_prefix", "--max_steps", "4", "--eval_steps", "2",
+                "--max_eval_samples", "8", "--work_dir", str(tmp_path / "work"), "--tag", "peft", "--results", str(out),
                 "--set", f"train_file={files['train']}", "--set", f"validation_file={files['validation']}",
                 "--set", f"test_file={files['test']}", "--set", "label_words=pos=good,neg=bad",
                 "--set", "n_virtual_tokens=2", "--set", "max_length=16", "--set", "per_device_train_batch_size=4"])
     doc = json.loads(out.read_text())
     assert doc["plot"].endswith("convergence_peft_arm.png") and (tmp_path / "convergence_peft_arm.png").is_file()
-    assert doc["n_finished"] == 4, [(r["name"], r["status"]) for r in doc["runs"]]
+    assert doc["n_finished"] == 6, [(r["name"], r["status"]) for r in doc["runs"]]
     for run in doc["runs"]:  # the same validation schedule in both arms: every eval_steps and the last step
         # (train.py also evaluates the untrained model at step 0; the peft arm's Trainer does not)
         assert [s for s, _ in run["eval_history"] if s] == [2, 4], (run["name"], run["eval_history"])
@@ -205,9 +206,17 @@ def test_study_peft_arm_smoke(tiny_bert_long, tiny_llama_lm, tmp_path):
     # CAUSAL_LM trains the prompt alone (2 virtual tokens x 32 wide); SEQ_CLS adds the new classifier (33 x 2)
     assert kinds[tiny_llama_lm] == {**kinds[tiny_llama_lm], "task_type": "CAUSAL_LM", "trainable_params": 2 * 32}
     assert kinds[tiny_bert_long]["trainable_params"] == 2 * 32 + 33 * 2
+    for run in (r for r in doc["runs"] if r["method"] == "peft_prefix"):
+        m = json.loads((tmp_path / "work" / "peft" / "runs" / run["name"] / "metrics.json").read_text())
+        assert m["peft"]["peft_type"] == "prefix" and m["test_weights"] == "best"
+        # a key and a value prefix (2 virtual tokens) in every layer of the tiny models (+ SEQ_CLS's classifier)
+        mc = AutoConfig.from_pretrained(run["backbone"])
+        kv_width = mc.hidden_size // mc.num_attention_heads * getattr(mc, "num_key_value_heads", mc.num_attention_heads)
+        head = 0 if run["backbone"] == tiny_llama_lm else 33 * 2
+        assert m["peft"]["trainable_params"] == mc.num_hidden_layers * 2 * 2 * kv_width + head, m["peft"]
     assert len(doc["summary"]) == 2
     for cell in doc["summary"]:
-        assert set(cell["methods"]) == {"prompt", "peft"}
+        assert set(cell["methods"]) == {"prompt", "peft", "peft_prefix"}
         vs = cell["vs_control"]["peft - prompt"]
         assert vs["seeds"] == [0] and len(vs["per_seed_diff"]) == 1
         assert vs["per_seed_diff"][0] == pytest.approx(

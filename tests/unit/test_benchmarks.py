@@ -72,7 +72,9 @@ def test_study_arms_are_valid_configs():
     from infoprompt_ds.config_load import parse_config
 
     for arm in study.ARMS:
-        cfg = parse_config([x for k, v in study.arm_flags(arm).items() for x in (f"--{k}", v)])
+        # peft_type is peft_prompt.py's own flag (taken out before it parses the rest)
+        flags = {k: v for k, v in study.arm_flags(arm).items() if not (k == "peft_type" and arm in study.SCRIPTS)}
+        cfg = parse_config([x for k, v in flags.items() for x in (f"--{k}", v)])
         assert cfg.method == study.ARMS[arm]["method"], arm
     for arm, control in study.CONTROL.items():
         assert arm in study.ARMS and (control is None or control in study.ARMS), (arm, control)
@@ -107,3 +109,30 @@ def test_tune_configs_budget():
     assert sub == tune.configs(grid, 5, 0) and len(sub) == 5
     assert [allc.index(c) for c in sub] == sorted(allc.index(c) for c in sub)
     assert tune.configs({}, 3, 0) == [{}]  # no grid: the defaults, one config
+
+
+def test_peft_prefix_shim_reaches_the_output():
+    """The prefix arm's shim (peft_prompt.accept_past_key_values): PEFT 0.21 prefix tuning on a transformers-5
+    encoder (SEQ_CLS) runs, and its prefixes change the logits and get a gradient (a shim that dropped them
+    would train nothing)."""
+    pytest.importorskip("peft")
+    import torch
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peft_prompt import accept_past_key_values
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=64, vocab_size=100, num_labels=2)).eval()
+    accept_past_key_values(model)
+    pm = get_peft_model(model, PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4))
+    ids, mask = torch.randint(0, 100, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    before = pm(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        for p in pm.prompt_encoder.parameters():
+            p.add_(1.0)
+    after = pm(input_ids=ids, attention_mask=mask).logits
+    after.sum().backward()
+    assert (before - after).abs().max() > 1e-5
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pm.prompt_encoder.parameters())

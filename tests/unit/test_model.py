@@ -184,3 +184,26 @@ def test_a_training_step_with_the_cache_runs_the_backbone_once(tiny_bert, method
     assert len(calls) == 1
     model(**inputs, labels=torch.tensor([1, 0]), **{k: v for k, v in kwargs.items() if k != "z_unprompted"})
     assert len(calls) == 3  # the hook sees the pass the cache saves
+
+
+def test_bf16_on_cpu_takes_the_math_attention_path():
+    """pick_attention_kernel: bf16 on a CPU turns torch's CPU flash-attention kernel off (its bf16 backward was
+    the slowest op of a bf16 step); fp32 keeps it. Checked on the op autograd records, then restored."""
+    import torch
+    import torch.nn.functional as F
+
+    from infoprompt_ds.method.model import pick_attention_kernel
+
+    def backward_op(dtype):
+        q = torch.randn(2, 2, 8, 4, dtype=dtype, requires_grad=True)
+        return F.scaled_dot_product_attention(q, q, q).grad_fn.name()
+
+    was = torch.backends.cuda.flash_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_flash_sdp(True)
+        pick_attention_kernel(torch.float32, torch.device("cpu"))
+        assert "Flash" in backward_op(torch.bfloat16)  # fp32 runs leave the kernel choice alone
+        pick_attention_kernel(torch.bfloat16, torch.device("cpu"))
+        assert "Flash" not in backward_op(torch.bfloat16)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(was)
