@@ -19,10 +19,17 @@ of the rounds' ratios) is within +-0.1 of the median, at least --min_pairs and a
 and no new round starts once --budget_s has passed (a shared machine: the file says which stop applied).
 Peak memory: each process's peak RSS (ru_maxrss from wait4), i.e. what the user's job costs in all.
 
-Arms (issue 37): ours = train.py's defaults for this job (fp32 here, the default data order); peft = PEFT +
+Arms (issue 37): ours = train.py's defaults for this job (fp32 here, the default data order); ours_best = the
+same with --bf16 true --group_by_length true (PEFT-best's two switches; not in the default --arms); peft = PEFT +
 the Trainer with their defaults (fp32 on CPU, random order); peft_best = the same with the best the Trainer
 offers here: length-grouped batches (group_by_length=True; transformers 5 spells it
 train_sampling_strategy="group_by_length") and bf16=True (this CPU has avx512_bf16; on a GPU bf16 as well).
+
+FLOP/s (our arms): 4·N·(useful positions per second), N = the backbone's parameters without the input
+embedding matrix, useful positions = real tokens + virtual tokens (read from the run's train/tokens_per_s;
+padding is computed but not counted, so less padding shows as more useful FLOP/s); the fraction is of the
+best n x n matmul peak (fp32 for ours, bf16 for ours_best) on the jobs' thread count, taken before and after
+the rounds in this process.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from common import MINILM, RESULTS, ROOT, summarize, write_results  # noqa: E402
+from common import MINILM, RESULTS, ROOT, matmul_peak, summarize, write_results  # noqa: E402
 
 
 def peft_worker(args) -> None:
@@ -131,8 +138,15 @@ def ours(args, out_dir: Path, best: bool = False) -> dict:
     windows = [v for s, v in hist if s > args.warmup]  # the window ending at step `warmup` holds the first steps
     # equal-sized windows: overall samples/s is the harmonic mean of the window rates
     sps = len(windows) / sum(1 / v for v in windows)
-    return {"status": "ok", "impl": "ours_best" if best else "ours", "command": cmd, "samples_per_s": sps, "window_samples_per_s": windows,
-            "peak_rss_bytes": rss, "wall_s": wall}
+    toks = [v for s, v in sorted((x.step, x.value) for x in client.get_metric_history(m["mlflow_run_id"],
+                                                                                     "train/tokens_per_s"))
+            if s > args.warmup]
+    # useful positions per second: the real tokens and the virtual ones (padding is computed but not counted),
+    # time-weighted over the windows like sps; FLOP/s = 4·N·positions/s (docs/benchmarks.md §3's 4NT)
+    positions_s = sum(t / v for t, v in zip(toks, windows)) / sum(1 / v for v in windows) + args.n_virtual * sps
+    return {"status": "ok", "impl": "ours_best" if best else "ours", "command": cmd, "samples_per_s": sps,
+            "window_samples_per_s": windows, "useful_positions_per_s": positions_s,
+            "achieved_flops_per_s": 4 * args.n_matmul * positions_s, "peak_rss_bytes": rss, "wall_s": wall}
 
 
 def peft(args, out_dir: Path, best: bool = False) -> dict:
@@ -150,6 +164,31 @@ def peft(args, out_dir: Path, best: bool = False) -> dict:
             "bf16": w["bf16"], "group_by_length": w["group_by_length"],
             "step_s": summarize(w["step_s"]), "trainable_params": w["trainable_params"],
             "model_class": w["model_class"], "peak_rss_bytes": rss, "wall_s": wall}
+
+
+def matmul_params(model: str) -> int:
+    """N of 4NT: the backbone's parameters without the input embedding matrix (a lookup, not a matmul)."""
+    from transformers import AutoConfig, AutoModel
+
+    from infoprompt_ds.backbone import resolve_model_path
+
+    m = AutoModel.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
+    return sum(p.numel() for p in m.parameters()) - m.get_input_embeddings().weight.numel()
+
+
+def matmul_peaks(args) -> dict:
+    """The n x n matmul peak in fp32 and bf16 on the jobs' thread count (common.matmul_peak), taken before and
+    after the rounds: the best of the two is the limit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return {k: matmul_peak(torch.device("cpu"), dt, n=1024, seconds=1.0)["flops_per_s"]
+                for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(cmd, args):
@@ -241,6 +280,8 @@ def main(argv=None):
     for arm, st in settings.items():
         print(f"[bench_peft] {arm}: " + ", ".join(f"{k}={v}" for k, v in st.items()), flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench_peft_"))
+    args.n_matmul = matmul_params(args.model)
+    peaks = {"before": matmul_peaks(args)}
     t0 = time.perf_counter()
     runs, pairs, stop = [], [], "max_pairs"
     # each of our arms over each PEFT arm; the issue's two figures are ours/peft and ours/peft_best
@@ -276,10 +317,17 @@ def main(argv=None):
             if xs:
                 _, lo, hi = median_interval(xs)
                 summary[key]["median_ci95"] = [lo, hi]
+    peaks["after"] = matmul_peaks(args)
     for arm in arms:
         ok = [r for r in runs if r["status"] == "ok" and r["impl"] == arm]
         summary[f"{arm}_samples_per_s"] = summarize([r["samples_per_s"] for r in ok])
         summary[f"{arm}_peak_rss_mib"] = summarize([r["peak_rss_bytes"] / 2**20 for r in ok])
+        if arm.startswith("ours") and ok:  # achieved FLOP/s against the best matmul peak of its precision
+            flops = summarize([r["achieved_flops_per_s"] for r in ok])
+            peak = max(p["bf16" if arm == "ours_best" else "fp32"] for p in peaks.values())
+            summary[f"{arm}_achieved_flops_per_s"] = flops
+            summary[f"{arm}_fraction_of_matmul_peak"] = flops["median"] / peak
+    summary["matmul_peak_flops_per_s"] = peaks
     write_results(Path(args.results), {"benchmark": "peft", "settings": {k: v for k, v in vars(args).items()
                                                                       if k not in ("worker", "out", "bf16", "group_by_length")},
                                        "arms": settings, "wall_s_total": time.perf_counter() - t0, "summary": summary,
