@@ -188,8 +188,8 @@ def run(cfg: TrainConfig, peft_type: str = "prompt") -> dict:
     task_type = TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS
     if peft_type == "prefix":
         if not causal:  # PEFT's causal-LM path hands past_key_values on through **kwargs; no shim needed there
-            accept_past_key_values(model)  # PEFT's prefix tuning has one init (random embedding rows)
-        init = "PREFIX_RANDOM"
+            accept_past_key_values(model)
+        init = "PREFIX_RANDOM"  # PEFT's prefix tuning has one init (random embedding rows)
         pcfg = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.n_virtual_tokens)
     else:
         init = INIT[cfg.prompt_init]
