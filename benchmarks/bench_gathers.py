@@ -70,7 +70,7 @@ def build(cfg, ds_path, data, tok, mc):
     import torch
 
     from infoprompt_ds.method.loss import Diagnostics
-    from infoprompt_ds.method.model import build_model
+    from infoprompt_ds.method.model import build_model, backbone_dtype, pick_attention_kernel
     from infoprompt_ds.runtime.ds_config import fill_ds_config, load_ds_config
     from infoprompt_ds.runtime.prepare import plan_steps
     from infoprompt_ds.runtime.setup import Run
@@ -80,9 +80,7 @@ def build(cfg, ds_path, data, tok, mc):
     micro_per_epoch, total = plan_steps(cfg, len(data.splits["train"]), 1)
     ds = fill_ds_config(load_ds_config(ds_path), cfg, 1, total, mc.hidden_size)
     torch.manual_seed(cfg.seed)
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32  # as runtime/setup.py picks it
-    from infoprompt_ds.method.model import pick_attention_kernel
-
+    dtype = backbone_dtype(cfg)
     pick_attention_kernel(dtype, torch.device("cpu"))
     model = build_model(cfg, mc, tok, data.task, dtype, ds, data.readout)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -168,11 +168,13 @@ def peft(args, out_dir: Path, best: bool = False) -> dict:
 
 def matmul_params(model: str) -> int:
     """N of 4NT: the backbone's parameters without the input embedding matrix (a lookup, not a matmul)."""
+    import torch
     from transformers import AutoConfig, AutoModel
 
     from infoprompt_ds.backbone import resolve_model_path
 
-    m = AutoModel.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
+    with torch.device("meta"):  # shapes only: nothing allocated or initialised
+        m = AutoModel.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
     return sum(p.numel() for p in m.parameters()) - m.get_input_embeddings().weight.numel()
 
 

@@ -318,14 +318,19 @@ def _gathered(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def backbone_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the frozen backbone is held and multiplied in (the trainables keep fp32 masters)."""
+    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+
+
 def pick_attention_kernel(dtype: torch.dtype, device: torch.device) -> None:
     """bf16 on a CPU: attention by torch's math path instead of its CPU flash-attention kernel. Why: that
     kernel's bf16 backward is the slowest op of a bf16 step (MiniLM, batch 16, 1 thread: 238 ms of a 647 ms
     step, against 44 ms in fp32; benchmarks/results/profile_step_prompt_bf16_flash.json), and prompt tuning
     always runs it (the prompt's gradient goes back through every layer's attention); with the math path the
-    bf16 step took 0.86x the time (docs/benchmarks.md §11). The switch is process-wide (torch's only one; named for CUDA, the CPU
-    dispatcher reads it too), so it also covers the recomputation under gradient checkpointing, evaluation
-    and the unprompted cache. fp32 keeps the flash kernel: faster than math in fp32 on the same CPU."""
+    bf16 step took 0.86x the time (docs/benchmarks.md §11). The switch is process-wide (torch's only one;
+    named for CUDA, the CPU dispatcher reads it too), so it also covers the recomputation under gradient
+    checkpointing, evaluation and the unprompted cache. fp32 keeps the flash kernel: faster there."""
     if dtype == torch.bfloat16 and device.type == "cpu":
         torch.backends.cuda.enable_flash_sdp(False)
 

@@ -33,7 +33,7 @@ from infoprompt_ds.io import write_json_atomic
 from infoprompt_ds.runtime.loss_guard import LossGuard
 from infoprompt_ds.runtime.process_group import announce_shm_op_build, init_process_group, unlink_deepspeed_shm
 from infoprompt_ds.method.loss import Diagnostics, inverse_frequency
-from infoprompt_ds.method.model import build_model, pick_attention_kernel
+from infoprompt_ds.method.model import build_model, backbone_dtype, pick_attention_kernel
 from infoprompt_ds.method.deep import init_propagated
 from infoprompt_ds.tracking.run_metadata import run_name_for, run_tags
 from infoprompt_ds.tracking.client import Tracker
@@ -120,7 +120,7 @@ def setup(cfg: TrainConfig) -> Run:
     if on_gpu:
         accel.set_device(prep.local_rank)
     device = torch.device(accel.device_name(prep.local_rank) if on_gpu else "cpu")
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+    dtype = backbone_dtype(cfg)
     pick_attention_kernel(dtype, device)
     out = Path(cfg.output_dir)
     if prep.rank == 0:
