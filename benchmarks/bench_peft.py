@@ -3,7 +3,11 @@
 
     python benchmarks/bench_peft.py [--min_pairs 3] [--max_pairs 8] [--budget_s 660] [--warmup 3] [--steps 15]
 
-Same backbone (MiniLM; AutoModelForSequenceClassification for PEFT, AutoModel + our head for us), same
+Same backbone (MiniLM by default; --model HuggingFaceTB/SmolLM2-135M-Instruct for the decoder), the same
+read-out as our default for it: MiniLM -> readout linear, PEFT's AutoModelForSequenceClassification (SEQ_CLS)
+against our AutoModel + head; SmolLM2 -> readout lm_label, PEFT's causal-LM tutorial recipe
+(AutoModelForCausalLM, CAUSAL_LM, the answer token's LM loss: benchmarks/peft_prompt.py's) against ours
+(the C label rows of the LM head at the last token). Same
 n virtual tokens (16), same micro-batch (16), same training examples (Rotten Tomatoes, k_shot 64, seed 42,
 tokenized by the project's own data code, max_length 128, dynamic padding with DataCollatorWithPadding),
 same ds_configs/zero3.json (the HF Trainer fills its "auto" values itself), one rank.
@@ -24,6 +28,11 @@ same with --bf16 true --group_by_length true (PEFT-best's two switches; not in t
 the Trainer with their defaults (fp32 on CPU, random order); peft_best = the same with the best the Trainer
 offers here: length-grouped batches (group_by_length=True; transformers 5 spells it
 train_sampling_strategy="group_by_length") and bf16=True (this CPU has avx512_bf16; on a GPU bf16 as well).
+
+Evaluation (item 6 of issue 37): each job evaluates --eval_samples validation examples once, after its last
+step (ours: --eval_steps past the end and --eval_on_start false, so only that pass; eval/examples_per_s, which
+every run logs to MLflow; PEFT: trainer.evaluate on the same split, timed around the call). Eval batch: ours
+64 (our default, length-sorted); PEFT-default the Trainer's 8; PEFT-best 64. Ratios eval_speed_ratio_*.
 
 FLOP/s (our arms): 4·N·(useful positions per second), N = the backbone's parameters without the input
 embedding matrix, useful positions = real tokens + virtual tokens (read from the run's train/tokens_per_s;
@@ -56,37 +65,55 @@ def peft_worker(args) -> None:
     setup_environment()  # before torch and DeepSpeed are imported
     import torch
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, DataCollatorForSeq2Seq,
+                              DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments)
 
     from infoprompt_ds.config import TrainConfig
     from infoprompt_ds.data.load import prepare_data
     from infoprompt_ds.internals import full_numel
-    from infoprompt_ds.method.model import load_tokenizer
+    from infoprompt_ds.method.model import load_model_config, load_tokenizer
     from infoprompt_ds.backbone import resolve_model_path
+    from infoprompt_ds.data.readout import first_token
+    from peft_prompt import IGNORE, label_word_logits, lm_label_split  # the study's PEFT arm: the same causal-LM recipe
 
     cfg = TrainConfig(model_name_or_path=args.model, method="prompt", n_virtual_tokens=args.n_virtual,
                       per_device_train_batch_size=args.batch, max_length=args.max_length,
+                      max_eval_samples=args.eval_samples,
                       k_shot=None if str(args.k_shot).lower() == "none" else int(args.k_shot),
-                      seed=42, output_dir=tempfile.mkdtemp(), **({"train_file": args.train_file} if args.train_file else {}))
+                      seed=42, output_dir=tempfile.mkdtemp(), **({"train_file": args.train_file} if args.train_file else {}),
+                      **({"label_words": dict(kv.split("=", 1) for kv in args.label_words.split(","))}
+                         if args.label_words else {}))
     tok = load_tokenizer(cfg)
-    data = prepare_data(cfg, tok)
-    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in data.splits["train"].column_names]
-    train = data.splits["train"].select_columns(keep)
+    data = prepare_data(cfg, tok, load_model_config(cfg))
+    # our readout for this backbone (auto): linear -> PEFT's SEQ_CLS; lm_label (decoders with an LM head,
+    # e.g. SmolLM2) -> PEFT's CAUSAL_LM tutorial recipe, the answer token's LM loss (peft_prompt.py)
+    causal = data.readout.kind == "lm_label"
+    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels")
+            if c in data.splits["train"].column_names and not (causal and c == "token_type_ids")]
+    train, val = (data.splits[k].select_columns(keep) for k in ("train", "validation"))
+    word_ids = [first_token(tok, w) for w in data.task.words()] if causal else []
+    if causal:
+        train, val = lm_label_split(train, word_ids), lm_label_split(val, word_ids)
     on_gpu = torch.cuda.is_available() and not args.cpu
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
                               max_steps=args.warmup + args.steps, learning_rate=1e-2, logging_steps=10_000,
                               save_strategy="no", eval_strategy="no", report_to=[], deepspeed=args.ds_config,
                               dataloader_num_workers=0, seed=42, bf16=on_gpu or args.bf16, use_cpu=not on_gpu,
                               disable_tqdm=True, warmup_steps=1,
+                              # eval: the Trainer's default batch (8) for PEFT-default, ours (64) for PEFT-best
+                              per_device_eval_batch_size=64 if args.bf16 else 8,
                               # transformers 5's name for the Trainer's group_by_length=True
                               train_sampling_strategy="group_by_length" if args.group_by_length else "random")
     # TrainingArguments(deepspeed=...) is alive now: from_pretrained partitions under ZeRO-3 (zero.Init).
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(args.model),
-                                                               num_labels=len(data.label_names))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=args.n_virtual,
+    if causal:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(args.model),
+                                                                   num_labels=len(data.label_names))
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+    model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
+                                                     num_virtual_tokens=args.n_virtual,
                                                      prompt_tuning_init=PromptTuningInit.RANDOM))
     if targs.bf16:
         # The prompt PEFT adds after from_pretrained is fp32 while zero.Init made the rest bf16, and DeepSpeed's
@@ -103,15 +130,23 @@ def peft_worker(args) -> None:
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
 
-    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=DataCollatorWithPadding(tok),
-                      callbacks=[Clock()])
+    collate = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE) if causal else DataCollatorWithPadding(tok)
+    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collate, callbacks=[Clock()],
+                      # what peft_prompt.py (the study's arm) does for a causal LM: the label words' logits
+                      # only, not (B, T, vocab) per batch
+                      preprocess_logits_for_metrics=label_word_logits(word_ids) if causal else None)
     trainer.train()
+    t = time.perf_counter()
+    trainer.evaluate(val)  # the validation split our run evaluates (max_eval_samples), after training
+    eval_s = time.perf_counter() - t
     steps = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup:]
     n_trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     if int(os.environ.get("RANK", 0)) == 0:
         Path(args.out).write_text(json.dumps({
             "step_s": steps, "samples_per_s": args.batch * int(os.environ.get("WORLD_SIZE", 1)) * len(steps) / sum(steps),
             "trainable_params": n_trainable, "model_class": type(model.get_base_model()).__name__,
+            "peft_task_type": "CAUSAL_LM" if causal else "SEQ_CLS",
+            "eval_examples_per_s": len(val) / eval_s, "eval_batch": targs.per_device_eval_batch_size,
             "bf16": targs.bf16, "group_by_length": targs.train_sampling_strategy == "group_by_length"}))
 
 
@@ -122,10 +157,13 @@ def ours(args, out_dir: Path, best: bool = False) -> dict:
     flags = {"model_name_or_path": args.model, "method": "prompt", "n_virtual_tokens": args.n_virtual,
              "per_device_train_batch_size": args.batch, "max_length": args.max_length, "k_shot": args.k_shot,
              "seed": 42, "max_steps": args.warmup + args.steps, "logging_steps": args.warmup,
-             "eval_steps": 10_000, "max_eval_samples": 16, "output_dir": run_dir, "deepspeed": args.ds_config,
+             "eval_steps": 10_000, "max_eval_samples": args.eval_samples, "output_dir": run_dir,
+             "deepspeed": args.ds_config, "eval_on_start": "false",
              "learning_rate": 1e-2, "mlflow_experiment": "bench-peft"}
     if args.train_file:
         flags["train_file"] = args.train_file
+    if args.label_words:
+        flags["label_words"] = args.label_words
     if best:  # the same two switches PEFT-best gets from the Trainer
         flags.update(bf16="true", group_by_length="true")
     cmd = [sys.executable, str(ROOT / "train.py")] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
@@ -144,9 +182,12 @@ def ours(args, out_dir: Path, best: bool = False) -> dict:
     # useful positions per second: the real tokens and the virtual ones (padding is computed but not counted),
     # time-weighted over the windows like sps; FLOP/s = 4·N·positions/s (docs/benchmarks.md §3's 4NT)
     positions_s = sum(t / v for t, v in zip(toks, windows)) / sum(1 / v for v in windows) + args.n_virtual * sps
+    # the validation pass after the last step (eval_steps > max_steps: that one only), as the PEFT worker's
+    eval_sps = client.get_metric_history(m["mlflow_run_id"], "eval/examples_per_s")[-1].value
     return {"status": "ok", "impl": "ours_best" if best else "ours", "command": cmd, "samples_per_s": sps,
             "window_samples_per_s": windows, "useful_positions_per_s": positions_s,
-            "achieved_flops_per_s": 4 * args.n_matmul * positions_s, "peak_rss_bytes": rss, "wall_s": wall}
+            "achieved_flops_per_s": 4 * args.n_matmul * positions_s, "eval_examples_per_s": eval_sps,
+            "peak_rss_bytes": rss, "wall_s": wall}
 
 
 def peft(args, out_dir: Path, best: bool = False) -> dict:
@@ -155,15 +196,18 @@ def peft(args, out_dir: Path, best: bool = False) -> dict:
            "--n_virtual", str(args.n_virtual), "--batch", str(args.batch), "--max_length", str(args.max_length),
            "--k_shot", str(args.k_shot), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--ds_config", args.ds_config] + (["--train_file", args.train_file] if args.train_file else []) \
+        + (["--label_words", args.label_words] if args.label_words else []) \
         + (["--cpu"] if args.cpu else []) + (["--bf16", "--group_by_length"] if best else [])
     res, rss, wall = _run(cmd, args)
     if res["rc"] != 0 or not out.is_file():
         return {"status": "failed", "command": cmd, **res}
     w = json.loads(out.read_text())
     return {"status": "ok", "impl": "peft_best" if best else "peft", "command": cmd, "samples_per_s": w["samples_per_s"],
-            "bf16": w["bf16"], "group_by_length": w["group_by_length"],
+            "bf16": w["bf16"], "group_by_length": w["group_by_length"], "eval_examples_per_s": w["eval_examples_per_s"],
+            "eval_batch": w["eval_batch"],
             "step_s": summarize(w["step_s"]), "trainable_params": w["trainable_params"],
-            "model_class": w["model_class"], "peak_rss_bytes": rss, "wall_s": wall}
+            "model_class": w["model_class"], "peft_task_type": w["peft_task_type"], "peak_rss_bytes": rss,
+            "wall_s": wall}
 
 
 def matmul_params(model: str) -> int:
@@ -229,6 +273,7 @@ def median_interval(xs: list[float]) -> tuple[float, float, float]:
 
 
 def settings_of(args) -> dict:
+    task = "SEQ_CLS for readout linear, CAUSAL_LM for lm_label"  # each run records which (peft_task_type)
     shared = {"model": args.model, "n_virtual_tokens": args.n_virtual, "per_device_train_batch_size": args.batch,
               "max_length": args.max_length, "k_shot": args.k_shot, "ds_config": args.ds_config, "ranks": 1,
               "OMP_NUM_THREADS": args.threads or "project default", "timed_steps": args.steps,
@@ -237,9 +282,9 @@ def settings_of(args) -> dict:
                      "group_by_length": False},
             "ours_best": {**shared, "impl": "train.py --method prompt --bf16 true --group_by_length true",
                           "precision": "bf16", "group_by_length": True},
-            "peft": {**shared, "impl": "PEFT PromptTuningConfig(SEQ_CLS) + HF Trainer (defaults)",
+            "peft": {**shared, "impl": f"PEFT PromptTuningConfig({task}) + HF Trainer (defaults)",
                      "precision": "bf16" if not args.cpu and _has_gpu() else "fp32", "group_by_length": False},
-            "peft_best": {**shared, "impl": "PEFT PromptTuningConfig(SEQ_CLS) + HF Trainer (best settings)",
+            "peft_best": {**shared, "impl": f"PEFT PromptTuningConfig({task}) + HF Trainer (best settings)",
                           "precision": "bf16", "group_by_length": True}}
 
 
@@ -257,6 +302,8 @@ def main(argv=None):
     ap.add_argument("--max_length", type=int, default=128)
     ap.add_argument("--k_shot", default="64")
     ap.add_argument("--train_file", default=None, help="local csv instead of Rotten Tomatoes (tests)")
+    ap.add_argument("--label_words", default=None, help="label=word,...: a local csv's words (lm_label in tests)")
+    ap.add_argument("--eval_samples", type=int, default=256, help="validation examples, evaluated once after training")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--min_pairs", type=int, default=3)
@@ -304,7 +351,8 @@ def main(argv=None):
         if all(r["status"] == "ok" for r in got.values()) and ratios:
             pairs.append({"pair": i, "order": order, **{
                 f"{m}_{a}_over_{b}": got[a][f] / got[b][f]
-                for a, b in ratios for m, f in (("speed_ratio", "samples_per_s"), ("rss_ratio", "peak_rss_bytes"))}})
+                for a, b in ratios for m, f in (("speed_ratio", "samples_per_s"), ("rss_ratio", "peak_rss_bytes"),
+                                                 ("eval_speed_ratio", "eval_examples_per_s"))}})
         if len(pairs) >= args.min_pairs and all(
                 max(hi - med, med - lo) <= args.ci_halfwidth
                 for med, lo, hi in (median_interval([p[f"speed_ratio_{a}_over_{b}"] for p in pairs]) for a, b in ratios)):
@@ -312,7 +360,7 @@ def main(argv=None):
             break
     summary = {"rounds": len(pairs), "stopped_by": stop}
     for a, b in ratios:
-        for m in ("speed_ratio", "rss_ratio"):
+        for m in ("speed_ratio", "rss_ratio", "eval_speed_ratio"):
             key = f"{m}_{a}_over_{b}"
             xs = [p[key] for p in pairs]
             summary[key] = {k: v for k, v in summarize(xs).items() if k in ("n", "median", "min", "max")}
@@ -324,6 +372,7 @@ def main(argv=None):
         ok = [r for r in runs if r["status"] == "ok" and r["impl"] == arm]
         summary[f"{arm}_samples_per_s"] = summarize([r["samples_per_s"] for r in ok])
         summary[f"{arm}_peak_rss_mib"] = summarize([r["peak_rss_bytes"] / 2**20 for r in ok])
+        summary[f"{arm}_eval_examples_per_s"] = summarize([r["eval_examples_per_s"] for r in ok])
         if arm.startswith("ours") and ok:  # achieved FLOP/s against the best matmul peak of its precision
             flops = summarize([r["achieved_flops_per_s"] for r in ok])
             peak = max(p["bf16" if arm == "ours_best" else "fp32"] for p in peaks.values())

@@ -224,10 +224,14 @@ def validate_and_track(run: Run, step: int) -> dict[str, float]:
     one that is not, ties to the earlier step) is exported to output_dir/best."""
     task = run.data.task
     metric = task.metric
-    preds, labels = predictions(run.engine, run.data.splits["validation"], run.collate, run.cfg, run.world,
-                                run.rank, task, run.device)
+    split = run.data.splits["validation"]
+    started = time.perf_counter()
+    preds, labels = predictions(run.engine, split, run.collate, run.cfg, run.world, run.rank, task, run.device)
+    seconds = time.perf_counter() - started  # the whole pass: batches, forward, gathering the predictions
     metrics = metrics_of(task, run.cfg, preds, labels)
-    run.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
+    # eval/examples_per_s: the pass's throughput (issue 37 item 6), not a metric of the weights
+    run.tracker.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()},
+                             "eval/examples_per_s": len(split) / max(seconds, 1e-9)}, step)
     new = Candidate(step, metrics[metric], single_class(preds))
     best = Candidate(run.best_step, run.best_metric, run.best_single_class) if run.best_step is not None else None
     if better(new, best, explicit_accuracy=run.cfg.metric_for_best_model == "accuracy"):

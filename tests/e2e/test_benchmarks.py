@@ -93,14 +93,35 @@ def test_bench_peft_smoke(tiny_bert_long, tmp_path):
     assert doc["pairs"][0]["speed_ratio_ours_over_peft"] > 0 and doc["pairs"][0]["speed_ratio_ours_over_peft_best"] > 0
     best = [r for r in doc["runs"] if r["impl"] == "peft_best"][0]
     assert best["bf16"] is True and best["group_by_length"] is True  # what the Trainer actually ran with
+    assert best["peft_task_type"] == "SEQ_CLS"  # an encoder without an MLM head: readout linear
     summary = doc["summary"]
     assert summary["rounds"] == 1 and summary["speed_ratio_ours_over_peft_best"]["n"] == 1
     assert set(summary["rss_ratio_ours_over_peft"]) >= {"n", "median", "min", "max"}
+    # evaluation speed: ours from the run's eval/examples_per_s, PEFT's from trainer.evaluate
+    assert summary["eval_speed_ratio_ours_over_peft"]["median"] > 0 and best["eval_batch"] == 64
     ours = [r for r in doc["runs"] if r["impl"] == "ours"][0]
     # 4NT FLOP/s from the run's own MLflow throughput: at least the virtual tokens' share of every sample
     assert ours["useful_positions_per_s"] > 2 * ours["samples_per_s"] > 0
     assert 0 < summary["ours_fraction_of_matmul_peak"] < 2, summary["ours_fraction_of_matmul_peak"]
 
+
+
+def test_bench_peft_lm_label_smoke(tiny_llama_lm, tmp_path):
+    """A decoder with an LM head: ours reads out lm_label (auto), so the PEFT arm is the causal-LM recipe."""
+    pytest.importorskip("peft")
+    import bench_peft
+
+    train = write_csv(tmp_path / "train.csv", make_rows(8, 0))
+    out = tmp_path / "peft_lm.json"
+    bench_peft.main(["--model", tiny_llama_lm, "--train_file", str(train), "--label_words", "pos=good,neg=bad",
+                     "--k_shot", "none", "--batch", "4", "--max_length", "16", "--n_virtual", "2", "--warmup", "1",
+                     "--steps", "2", "--min_pairs", "1", "--max_pairs", "1", "--arms", "ours,peft", "--cpu",
+                     "--results", str(out)])
+    doc = json.loads(out.read_text())
+    assert [r["status"] for r in doc["runs"]] == ["ok", "ok"], doc["runs"]
+    peft_run = [r for r in doc["runs"] if r["impl"] == "peft"][0]
+    assert peft_run["peft_task_type"] == "CAUSAL_LM" and peft_run["model_class"].endswith("ForCausalLM")
+    assert doc["pairs"][0]["speed_ratio_ours_over_peft"] > 0
 
 def test_study_smoke(tiny_bert_long, tmp_path, capsys):
     import study
