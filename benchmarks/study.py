@@ -81,6 +81,8 @@ ARMS: dict[str, dict[str, str]] = {
     "infoprompt_grouped": {"method": "infoprompt", "group_by_length": "true"},
     # bf16 + length grouping (issue 37: the pair that would make our defaults 2.6x PEFT's), vs the default job.
     "infoprompt_fast": {"method": "infoprompt", "bf16": "true", "group_by_length": "true"},
+    # bf16 alone (issue 37): with infoprompt_grouped, which of the two switches an accuracy change comes from.
+    "infoprompt_bf16": {"method": "infoprompt", "bf16": "true"},
 }
 # Arms run by another script than train.py: same flags, same output_dir/metrics.json.
 SCRIPTS = {"zeroshot": "benchmarks/zero_shot.py", "peft": "benchmarks/peft_prompt.py",
@@ -90,7 +92,8 @@ CONTROL = {"infoprompt_vib": "prompt_vib", "infoprompt_instance": "prompt_instan
            "infoprompt_random": "prompt_random", "infoprompt_linear": "prompt_linear",
            "prompt": "zeroshot", "zeroshot": None,  # None: the floor
            "infoprompt_grouped": "infoprompt", "prompt_deep_random": "prompt_deep",
-           "infoprompt_deep": "prompt_deep", "infoprompt_fast": "infoprompt"}
+           "infoprompt_deep": "prompt_deep", "infoprompt_fast": "infoprompt",
+           "infoprompt_bf16": "infoprompt"}
 
 R8_WORDS = "earn=earn,acq=acquisition,crude=oil,trade=trade,money-fx=currency,interest=interest,ship=ship,grain=grain"
 # One common word per newsgroup; first tokens differ under MiniLM's WordPiece and SmolLM2's BPE (check_tokenizer).
