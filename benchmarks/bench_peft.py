@@ -68,7 +68,7 @@ def peft_worker(args) -> None:
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, DataCollatorForSeq2Seq,
                               DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments)
 
-    from infoprompt_ds.config import TrainConfig
+    from infoprompt_ds.config_load import parse_config
     from infoprompt_ds.data.load import prepare_data
     from infoprompt_ds.internals import full_numel
     from infoprompt_ds.method.model import load_model_config, load_tokenizer
@@ -76,13 +76,8 @@ def peft_worker(args) -> None:
     from infoprompt_ds.data.readout import first_token
     from peft_prompt import IGNORE, label_word_logits, lm_label_split  # the study's PEFT arm: the same causal-LM recipe
 
-    cfg = TrainConfig(model_name_or_path=args.model, method="prompt", n_virtual_tokens=args.n_virtual,
-                      per_device_train_batch_size=args.batch, max_length=args.max_length,
-                      max_eval_samples=args.eval_samples,
-                      k_shot=None if str(args.k_shot).lower() == "none" else int(args.k_shot),
-                      seed=42, output_dir=tempfile.mkdtemp(), **({"train_file": args.train_file} if args.train_file else {}),
-                      **({"label_words": dict(kv.split("=", 1) for kv in args.label_words.split(","))}
-                         if args.label_words else {}))
+    # our job's own flags through train.py's parser: the same data, k-shot sample, label words and eval split
+    cfg = parse_config(argv_of(job_flags(args, Path(tempfile.mkdtemp()))))
     tok = load_tokenizer(cfg)
     data = prepare_data(cfg, tok, load_model_config(cfg))
     # our readout for this backbone (auto): linear -> PEFT's SEQ_CLS; lm_label (decoders with an LM head,
@@ -150,10 +145,8 @@ def peft_worker(args) -> None:
             "bf16": targs.bf16, "group_by_length": targs.train_sampling_strategy == "group_by_length"}))
 
 
-def ours(args, out_dir: Path, best: bool = False) -> dict:
-    from mlflow.tracking import MlflowClient
-
-    run_dir = out_dir / f"ours-{time.time_ns()}"
+def job_flags(args, run_dir: Path) -> dict:
+    """train.py's flags for this job: our arms' command line, and what the PEFT worker parses its data from."""
     flags = {"model_name_or_path": args.model, "method": "prompt", "n_virtual_tokens": args.n_virtual,
              "per_device_train_batch_size": args.batch, "max_length": args.max_length, "k_shot": args.k_shot,
              "seed": 42, "max_steps": args.warmup + args.steps, "logging_steps": args.warmup,
@@ -164,9 +157,21 @@ def ours(args, out_dir: Path, best: bool = False) -> dict:
         flags["train_file"] = args.train_file
     if args.label_words:
         flags["label_words"] = args.label_words
+    return flags
+
+
+def argv_of(flags: dict) -> list[str]:
+    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+def ours(args, out_dir: Path, best: bool = False) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    run_dir = out_dir / f"ours-{time.time_ns()}"
+    flags = job_flags(args, run_dir)
     if best:  # the same two switches PEFT-best gets from the Trainer
         flags.update(bf16="true", group_by_length="true")
-    cmd = [sys.executable, str(ROOT / "train.py")] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    cmd = [sys.executable, str(ROOT / "train.py")] + argv_of(flags)
     res, rss, wall = _run(cmd, args)
     if res["rc"] != 0:
         return {"status": "failed", "command": cmd, **res}
@@ -195,6 +200,7 @@ def peft(args, out_dir: Path, best: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(out), "--model", args.model,
            "--n_virtual", str(args.n_virtual), "--batch", str(args.batch), "--max_length", str(args.max_length),
            "--k_shot", str(args.k_shot), "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--eval_samples", str(args.eval_samples),
            "--ds_config", args.ds_config] + (["--train_file", args.train_file] if args.train_file else []) \
         + (["--label_words", args.label_words] if args.label_words else []) \
         + (["--cpu"] if args.cpu else []) + (["--bf16", "--group_by_length"] if best else [])

@@ -342,6 +342,11 @@ class TrainConfig:
                               "L_repr's posterior and trains; drop --vib_head or --estimator_trainable false")
 
     @property
+    def precision(self) -> str:
+        """bf16 | fp16 | fp32: what the frozen backbone is held and multiplied in (checkpoints, caches, dtype)."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    @property
     def uses_mi(self) -> bool:
         return self.gamma > 0 or self.beta > 0 or self.kl_weight > 0
 

@@ -320,7 +320,7 @@ def _gathered(params):
 
 def backbone_dtype(cfg: TrainConfig) -> torch.dtype:
     """The dtype the frozen backbone is held and multiplied in (the trainables keep fp32 masters)."""
-    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
 
 
 def pick_attention_kernel(dtype: torch.dtype, device: torch.device) -> None:

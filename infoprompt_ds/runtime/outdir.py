@@ -202,7 +202,7 @@ def run_identity(cfg: TrainConfig, data, model_config, world: int, stage: int, r
             "n_virtual_tokens": cfg.n_virtual_tokens if cfg.method != "probe" else 0,
             "bottleneck_dim": cfg.bottleneck_dim if cfg.method == "infoprompt" else None,
             "data": data_fingerprint(data.splits["train"]), "world_size": world, "zero_stage": stage,
-            "precision": "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"}
+            "precision": cfg.precision}
 
 
 _SHARD = re.compile(r"(?:\w+_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")

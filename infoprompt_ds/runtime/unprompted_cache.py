@@ -89,10 +89,6 @@ def _tokenizer_fingerprint(tokenizer, folder: Optional[Path]) -> str:
     return "files:" + h.hexdigest()
 
 
-def compute_dtype(cfg) -> str:
-    return "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
-
-
 def key_fields(cfg, model, tokenizer, device_type: str = "cpu") -> dict[str, Any]:
     """Everything z(x, ∅) depends on besides the example itself. `model` is the InfoPromptModel (its
     pooling is the resolved one: auto has become cls/last/mean/markers). The device type is in it too:
@@ -110,10 +106,10 @@ def key_fields(cfg, model, tokenizer, device_type: str = "cpu") -> dict[str, Any
             "max_length": cfg.max_length, "pooling": model.pooling,
             # the read-out's template/cue are in the example's ids too; cloze's z is the MLM transform's
             "readout": model.readout.meta(),
-            "dtype": compute_dtype(cfg), "device": device_type,
+            "dtype": cfg.precision, "device": device_type,
             # bf16 on a CPU runs attention by the math path since model.pick_attention_kernel: z computed
             # by the flash kernel before that rounds differently and is not reused (other keys unchanged)
-            **({"attention": "math"} if compute_dtype(cfg) == "bf16" and device_type == "cpu" else {})}
+            **({"attention": "math"} if cfg.precision == "bf16" and device_type == "cpu" else {})}
 
 
 def key_of(fields: dict[str, Any]) -> str:
