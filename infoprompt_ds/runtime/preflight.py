@@ -125,6 +125,15 @@ def check_offload(cfg: TrainConfig, ds: dict[str, Any], nvme_bytes: int = 0) -> 
         raise ConfigError("deepspeed", libaio_missing_message(parts[0]))
 
 
+def _has_swap_files(where: Path) -> bool:
+    """False when the folder is gone, or is being deleted while we look (rglob then meets a vanished
+    subfolder: FileNotFoundError, seen in CI while the test's rmtree was still running)."""
+    try:
+        return where.is_dir() and any(where.rglob("*.swp"))
+    except OSError:
+        return False
+
+
 def offload_fault(cfg: TrainConfig, error: BaseException) -> Optional[ConfigError]:
     """A crash inside DeepSpeed's swapper (a bare AssertionError from its async read) whose cause is the
     swap folder: gone, or full. One line naming it and the way back, instead of a traceback (issue 34
@@ -144,7 +153,7 @@ def offload_fault(cfg: TrainConfig, error: BaseException) -> Optional[ConfigErro
     for part in nvme_parts(ds):
         where = _get(ds, f"zero_optimization.{part}.nvme_path")
         where = Path(offload_dir(cfg) if where == "auto" else where)
-        if not where.is_dir() or not any(where.rglob("*.swp")):
+        if not _has_swap_files(where):
             return ConfigError("offload_dir", f"{where} (the NVMe swap files) vanished during training ({type(error).__name__} "
                                f"in DeepSpeed's swapper); {last}; resume with --resume_from_checkpoint latest and an "
                                f"--offload_dir that stays")
