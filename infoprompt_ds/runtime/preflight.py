@@ -6,6 +6,7 @@ later, after the model had loaded. Called from train_loop.prepare; every failure
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -108,8 +109,6 @@ def check_offload(cfg: TrainConfig, ds: dict[str, Any], nvme_bytes: int = 0) -> 
     parts = nvme_parts(ds)
     if not parts:
         return
-    import shutil
-
     for part in parts:
         where = Path(_get(ds, f"zero_optimization.{part}.nvme_path"))
         parent = _writable_parent(where, "offload_dir")
@@ -134,12 +133,18 @@ def _has_swap_files(where: Path) -> bool:
         return False
 
 
+def _free_bytes(where: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(where).free
+    except OSError:  # deleted since _has_swap_files looked
+        return None
+
+
 def offload_fault(cfg: TrainConfig, error: BaseException) -> Optional[ConfigError]:
     """A crash inside DeepSpeed's swapper (a bare AssertionError from its async read) whose cause is the
     swap folder: gone, or full. One line naming it and the way back, instead of a traceback (issue 34
     item 7). None when the swap folder is not the cause."""
     import errno
-    import shutil
 
     from infoprompt_ds.runtime.checkpoint import checkpoint_root, complete_checkpoints
     from infoprompt_ds.runtime.ds_config import load_ds_config, offload_dir
@@ -160,7 +165,7 @@ def offload_fault(cfg: TrainConfig, error: BaseException) -> Optional[ConfigErro
         e: Optional[BaseException] = error
         while e is not None and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
             e = e.__cause__ or e.__context__
-        if e is not None or shutil.disk_usage(where).free == 0:
+        if e is not None or _free_bytes(where) == 0:
             return ConfigError("offload_dir", f"{where} is full (the NVMe swap files could not be written); {last}; "
                                f"free space or give another --offload_dir, then resume with --resume_from_checkpoint latest")
         tb = error.__traceback__
