@@ -195,14 +195,16 @@ def ours(args, out_dir: Path, best: bool = False) -> dict:
             "peak_rss_bytes": rss, "wall_s": wall}
 
 
+# what defines the job both arms run (the worker gets them all; job_flags turns them into train.py's flags)
+JOB_ARGS = ("model", "n_virtual", "batch", "max_length", "k_shot", "train_file", "label_words", "eval_samples",
+            "warmup", "steps", "ds_config")
+
+
 def peft(args, out_dir: Path, best: bool = False) -> dict:
     out = out_dir / f"peft-{time.time_ns()}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(out), "--model", args.model,
-           "--n_virtual", str(args.n_virtual), "--batch", str(args.batch), "--max_length", str(args.max_length),
-           "--k_shot", str(args.k_shot), "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--eval_samples", str(args.eval_samples),
-           "--ds_config", args.ds_config] + (["--train_file", args.train_file] if args.train_file else []) \
-        + (["--label_words", args.label_words] if args.label_words else []) \
+    # the job's arguments forwarded by name, all of them: a hand-written list once left out --eval_samples
+    job = {k: getattr(args, k) for k in JOB_ARGS if getattr(args, k) is not None}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(out)] + argv_of(job) \
         + (["--cpu"] if args.cpu else []) + (["--bf16", "--group_by_length"] if best else [])
     res, rss, wall = _run(cmd, args)
     if res["rc"] != 0 or not out.is_file():
