@@ -95,11 +95,6 @@ def standard_tags() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     tags["version.python"] = sys.version.split()[0]
-    # On a CPU the thread count decides the numbers too (a matmul's reduction order changes with it): the
-    # same seed at 1 and 2 threads gave different SmolLM2 accuracies in study v3 (docs/benchmarks.md §10).
-    import torch
-
-    tags["torch.num_threads"] = str(torch.get_num_threads())
     return tags
 
 

@@ -234,7 +234,6 @@ def test_training_run_is_complete_in_mlflow(server, tiny_bert, sentiment_files, 
     assert tags["mlflow.source.name"].endswith("train.py")
     assert tags["seed"] == "3" and tags["method"] == "infoprompt" and tags["task"] == "train"
     assert tags["version.torch"] and tags["version.mlflow"] == mlflow.__version__
-    assert int(tags["torch.num_threads"]) >= 1  # the count decides a CPU run's numbers too
     # Resolved values, not the config's `auto`/None.
     assert params["pooling"] == "cls" and params["task_type"] == "classification" and params["task"] == "train"
     assert params["metric_for_best_model"] == "accuracy" and params["warmup_steps"] == "1"  # ceil(0.06 * 6)

@@ -28,20 +28,6 @@ def test_every_logged_name_is_documented():
     metrics |= {f"eval/{m}" for m in names}
     from infoprompt_ds.tracking.run_metadata import run_tags
 
-    tags = set(run_tags(TrainConfig())) | {"best_step", "best_validation_<metric>", "version.<package>", "torch.num_threads"}
+    tags = set(run_tags(TrainConfig())) | {"best_step", "best_validation_<metric>", "version.<package>"}
     missing = [n for n in params + sorted(metrics) + sorted(tags) if n not in documented]
     assert not missing, f"not in docs/tracking.md: {missing}"
-
-def test_the_thread_count_is_a_run_tag():
-    """A CPU run's numbers depend on torch's thread count, so every run records the count it trained with."""
-    import torch
-
-    from infoprompt_ds.tracking.run_metadata import standard_tags
-
-    before = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            assert standard_tags()["torch.num_threads"] == str(n)
-    finally:
-        torch.set_num_threads(before)
