@@ -30,6 +30,8 @@ def train_main(argv=None) -> None:
     setup_environment()  # before train_loop imports torch and DeepSpeed
     from infoprompt_ds.runtime import train_loop
 
+    from infoprompt_ds.runtime.process_group import shutdown_process_group
+
     try:
         result = train_loop.run(cfg)
     except ConfigError as e:
@@ -37,14 +39,11 @@ def train_main(argv=None) -> None:
     except StopRequested:
         # Every rank agreed to stop at this step; leave together: a launcher that sees one rank exit
         # non-zero terminates the others, which must not happen while a peer is still tearing down.
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        shutdown_process_group()
         sys.exit(EXIT_PREEMPTED)
     except TrainingDiverged as e:
         fail(e, EXIT_DIVERGED, rank0_only=True)
+    shutdown_process_group()  # every rank finished: leave the group before interpreter exit tears it down
     if int(os.environ.get("RANK", "0")) == 0:  # after the MLflow run has ended: the last lines on screen
         from infoprompt_ds.runtime.summary import print_summary
 

@@ -81,6 +81,22 @@ def init_process_group(backend: str, timeout: timedelta) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
+
+def shutdown_process_group() -> None:
+    """Leave the process group together, at the end of a run that every rank finished (or agreed to stop).
+
+    Without this the group is torn down by interpreter finalization, and gloo's worker threads can still
+    be joinable then: a rank occasionally died after writing every output with `terminate called without
+    an active exception` (rc 250 from the launcher; seen twice in 452 tests here, pytorch/pytorch#190489).
+    Only on the success/agreed-stop paths: after a crash a peer may be inside a collective, and a barrier
+    here would hang it (torchtitan destroys only on success for the same reason)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
 # DeepSpeed 0.19.8's CPU communication op (deepspeed_shm_comm, used for inference all-reduce) names one
 # POSIX shared-memory segment per rank like this when every rank is on one host (LOCAL_SIZE == WORLD_SIZE,
 # as the deepspeed launcher sets), and never unlinks it: each run left ~67 MiB per rank in /dev/shm, memory
