@@ -29,7 +29,6 @@ def train_main(argv=None) -> None:
     cfg = exit_on_config_error(parse_config, sys.argv[1:] if argv is None else argv, rank0_only=True)
     setup_environment()  # before train_loop imports torch and DeepSpeed
     from infoprompt_ds.runtime import train_loop
-
     from infoprompt_ds.runtime.process_group import shutdown_process_group
 
     try:

@@ -81,7 +81,6 @@ def init_process_group(backend: str, timeout: timedelta) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
-
 def shutdown_process_group() -> None:
     """Leave the process group together, at the end of a run that every rank finished (or agreed to stop).
 
@@ -96,6 +95,7 @@ def shutdown_process_group() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
 
 # DeepSpeed 0.19.8's CPU communication op (deepspeed_shm_comm, used for inference all-reduce) names one
 # POSIX shared-memory segment per rank like this when every rank is on one host (LOCAL_SIZE == WORLD_SIZE,
